@@ -1,0 +1,200 @@
+"""The ``moe-app`` command line.
+
+``moe-app fit|validate|test|predict -c CONFIG [...]`` is a LightningCLI: the model and data module
+are chosen by ``class_path`` in the config (any ``CausalLMModule`` / ``LightningDataModule``
+subclass), configs compose with repeated ``-c``, and the resolved config is saved in every run
+directory. The same entry point dispatches the offline subcommands listed in
+:data:`moe_app.commands.OFFLINE_COMMANDS` (surgery, export, pruning), which need no Trainer.
+
+Error policy: a user error (:class:`~moe_app.errors.MoeAppError`, a bad config value, a missing
+file) prints one readable line and exits with code 2; a traceback only with ``--debug`` or
+``MOE_APP_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+DEBUG_ENV = "MOE_APP_DEBUG"
+
+
+def _debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0", "false", "False")
+    if "--debug" in argv:
+        debug = True
+        argv = [a for a in argv if a != "--debug"]
+    return debug, argv
+
+
+def _top_level_help() -> str:
+    from moe_app.commands import OFFLINE_COMMANDS
+
+    lines = [
+        "usage: moe-app COMMAND [options]   (add --debug for tracebacks)",
+        "",
+        "Training (LightningCLI; see `moe-app fit --help`):",
+        "  fit        train a model:   moe-app fit -c configs/tiny/dense.yaml",
+        "  validate   evaluate the validation loss",
+        "  test       per-domain loss, perplexity and exact-match accuracy",
+        "  predict    greedy generation on the test prompts",
+        "",
+        "Offline commands (no Trainer):",
+    ]
+    for name in OFFLINE_COMMANDS:
+        help_text = _offline_help(name)
+        if help_text is not None:
+            lines.append(f"  {name:<10} {help_text}")
+    return "\n".join(lines)
+
+
+def _offline_help(name: str) -> str | None:
+    try:
+        module = importlib.import_module(f"moe_app.commands.{name}")
+    except ModuleNotFoundError:
+        return None  # listed but not shipped yet
+    return getattr(module, "HELP", "")
+
+
+def _run_offline(name: str, argv: list[str]) -> int:
+    try:
+        module = importlib.import_module(f"moe_app.commands.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"moe_app.commands.{name}":
+            raise _usage_error(f"the command {name!r} is not available in this version") from exc
+        raise
+    parser = argparse.ArgumentParser(prog=f"moe-app {name}", description=getattr(module, "HELP", None))
+    module.build_parser(parser)
+    args = parser.parse_args(argv)
+    return int(module.run(args) or 0)
+
+
+def _usage_error(message: str):
+    from moe_app.errors import MoeAppError
+
+    return MoeAppError(message, fix="run `moe-app --help` for the list of commands")
+
+
+def _cli_class():
+    """Build the LightningCLI subclass lazily (importing lightning costs ~2 s)."""
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    class MoeAppCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+
+        def before_instantiate_classes(self) -> None:
+            from moe_app.training.strategy import check_strategy
+
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            trainer = cfg.get("trainer")
+            check_strategy(trainer)
+            root = trainer.get("default_root_dir") or "runs/default"
+            trainer["default_root_dir"] = root
+            if cfg.get("checkpoint") is not None and cfg["checkpoint"].get("dirpath") is None:
+                cfg["checkpoint"]["dirpath"] = str(Path(root) / "checkpoints")
+
+    return MoeAppCLI
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
+    """Run the Lightning part of the CLI (``fit`` etc.). Callable from tests."""
+    from lightning.pytorch import LightningDataModule
+
+    from moe_app.training.lm import CausalLMModule
+
+    cli_cls = _cli_class()
+    return cli_cls(
+        model_class=CausalLMModule,
+        datamodule_class=LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"default_root_dir": "runs/default"},
+        parser_kwargs={"parser_mode": "omegaconf"} if _has_omegaconf() else None,
+        args=args,
+        run=run,
+    )
+
+
+def _has_omegaconf() -> bool:
+    return importlib.util.find_spec("omegaconf") is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug, argv = _debug_requested(argv)
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # child processes (DDP) inherit it
+    from moe_app.commands import OFFLINE_COMMANDS
+
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_level_help())
+        return 0
+    if argv[0] in ("--version", "version"):
+        from importlib.metadata import version
+
+        print(f"moe-app {version('moe-app')}")
+        return 0
+    try:
+        if argv[0] in OFFLINE_COMMANDS:
+            return _run_offline(argv[0], argv[1:])
+        if argv[0] not in TRAINER_COMMANDS and not argv[0].startswith("-"):
+            raise _usage_error(f"unknown command {argv[0]!r}")
+        cli_main(argv)
+        return 0
+    except SystemExit as exc:  # argparse / jsonargparse already printed their message
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        return code
+    except KeyboardInterrupt:
+        print("moe-app: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        return _report(exc, debug)
+
+
+def _report(exc: BaseException, debug: bool) -> int:
+    from moe_app.errors import MoeAppError
+
+    user = _find_user_error(exc)
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    if user is not None:
+        print(f"moe-app: error: {user}", file=sys.stderr)
+        return 2
+    print(
+        f"moe-app: internal error: {type(exc).__name__}: {exc}\n"
+        f"This is a bug in moe-app or a dependency; rerun with --debug (or {DEBUG_ENV}=1) for the traceback.",
+        file=sys.stderr,
+    )
+    return 1 if not isinstance(exc, MoeAppError) else 2
+
+
+def _find_user_error(exc: BaseException) -> BaseException | None:
+    """The MoeAppError (or a file error) in ``exc``'s cause chain, if any."""
+    from moe_app.errors import MoeAppError
+
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, MoeAppError):
+            return cur
+        if isinstance(cur, FileNotFoundError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

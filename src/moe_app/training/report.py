@@ -1,0 +1,85 @@
+"""Per-domain test report: loss, perplexity and exact-match accuracy, reduced with torchmetrics.
+
+Sums are kept as torchmetrics ``SumMetric`` states so the report is correct under DDP (each rank
+holds a shard of the test set; ``compute`` all-reduces).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import SumMetric
+
+
+class DomainReport(nn.Module):
+    def __init__(self, domains: list[str]) -> None:
+        super().__init__()
+        self.domains = list(domains)
+        self._index = {d: i for i, d in enumerate(self.domains)}
+        self.metrics = nn.ModuleDict(
+            {
+                name: SumMetric()
+                for d in range(len(self.domains))
+                for name in (f"nll{d}", f"tok{d}", f"ok{d}", f"gen{d}", f"n{d}")
+            }
+        )
+
+    def _idx(self, domain: str) -> int:
+        if domain not in self._index:  # a domain the data module did not announce
+            self._index[domain] = len(self.domains)
+            self.domains.append(domain)
+            d = self._index[domain]
+            device = next(iter(self.metrics.values())).device if len(self.metrics) else "cpu"
+            for name in ("nll", "tok", "ok", "gen", "n"):
+                self.metrics[f"{name}{d}"] = SumMetric().to(device)
+        return self._index[domain]
+
+    def update(self, domains: list[str], nll: Tensor, ntok: Tensor, correct: list[bool] | None) -> None:
+        for i, dom in enumerate(domains):
+            d = self._idx(dom)
+            self.metrics[f"nll{d}"].update(nll[i].detach().double())
+            self.metrics[f"tok{d}"].update(ntok[i].detach().double())
+            self.metrics[f"n{d}"].update(torch.tensor(1.0, dtype=torch.float64))
+            if correct is not None:
+                self.metrics[f"ok{d}"].update(torch.tensor(float(correct[i]), dtype=torch.float64))
+                self.metrics[f"gen{d}"].update(torch.tensor(1.0, dtype=torch.float64))
+
+    def compute(self) -> list[dict[str, Any]]:
+        rows = []
+        tot_nll = tot_tok = tot_ok = tot_gen = tot_n = 0.0
+        for d, name in enumerate(self.domains):
+            nll = float(self.metrics[f"nll{d}"].compute())
+            tok = float(self.metrics[f"tok{d}"].compute())
+            ok = float(self.metrics[f"ok{d}"].compute())
+            gen = float(self.metrics[f"gen{d}"].compute())
+            n = float(self.metrics[f"n{d}"].compute())
+            if n == 0:
+                continue
+            rows.append(_row(name, n, nll, tok, ok, gen))
+            tot_nll, tot_tok, tot_ok, tot_gen, tot_n = tot_nll + nll, tot_tok + tok, tot_ok + ok, tot_gen + gen, tot_n + n
+        if len(rows) > 1:
+            rows.append(_row("ALL", tot_n, tot_nll, tot_tok, tot_ok, tot_gen))
+        return rows
+
+    @staticmethod
+    def format_table(rows: list[dict[str, Any]], title: str = "Test results") -> str:
+        header = f"{'domain':<16} {'n':>6} {'loss':>8} {'ppl':>9} {'exact match':>12}"
+        lines = [title, header, "-" * len(header)]
+        for r in rows:
+            acc = f"{100 * r['accuracy']:.1f}%" if r["accuracy"] is not None else "-"
+            lines.append(f"{r['domain']:<16} {r['n']:>6d} {r['loss']:>8.4f} {r['perplexity']:>9.3f} {acc:>12}")
+        return "\n".join(lines)
+
+
+def _row(name: str, n: float, nll: float, tok: float, ok: float, gen: float) -> dict[str, Any]:
+    loss = nll / max(tok, 1.0)
+    return {
+        "domain": name,
+        "n": int(n),
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "accuracy": ok / gen if gen > 0 else None,
+    }

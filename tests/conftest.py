@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random models saved to temp dirs and loaded through the real code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path: Path) -> Path:
+    """A 2-layer LLaMA (hidden 32, d_ff 64, 4 heads / 2 KV heads) saved with safetensors."""
+    return save_tiny_model(tiny_llama_config(), tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def tiny_qwen2_dir(tmp_path: Path) -> Path:
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    return save_tiny_model(cfg, tmp_path / "tiny-qwen2")
+
+
+@pytest.fixture
+def tiny_mistral_dir(tmp_path: Path) -> Path:
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    return save_tiny_model(cfg, tmp_path / "tiny-mistral")
