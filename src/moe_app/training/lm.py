@@ -81,7 +81,9 @@ class ModelSource:
             )
         if self.dtype not in _DTYPES:
             raise ConfigError(
-                f"unknown dtype {self.dtype!r}.", where="model.source.dtype", fix=f"use one of {sorted(_DTYPES)}"
+                f"unknown dtype {self.dtype!r}.",
+                where="model.source.dtype",
+                fix=f"use one of {sorted(_DTYPES)}",
             )
 
     @property
@@ -126,11 +128,18 @@ class CausalLMModule(L.LightningModule):
             }
         )
         self.model: torch.nn.Module | None = None
-        self.tokenizer = self.load_tokenizer()
+        self._tokenizer = None
         self._report: DomainReport | None = None
         self._tps_t0: float | None = None
 
     # ------------------------------------------------------------------ model life cycle
+    @property
+    def tokenizer(self):
+        """The tokenizer, loaded on first use (the data module asks for it in ``setup``)."""
+        if self._tokenizer is None:
+            self._tokenizer = self.load_tokenizer()
+        return self._tokenizer
+
     def load_tokenizer(self):
         name = self.source.tokenizer
         if name is None:
@@ -195,7 +204,10 @@ class CausalLMModule(L.LightningModule):
 
     def _step(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         out = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
         )
         extras = self.extra_losses(batch)
         return out.loss, extras
@@ -233,6 +245,8 @@ class CausalLMModule(L.LightningModule):
     def on_test_start(self) -> None:
         domains = self._domain_names()
         self._report = DomainReport(domains).to(self.device)
+        self._eval_time, self._eval_tokens = 0.0, 0
+        self._expert_load: dict[str, Tensor] = {}
 
     def _domain_names(self) -> list[str]:
         dm = getattr(self.trainer, "datamodule", None)
@@ -243,9 +257,13 @@ class CausalLMModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         assert self._report is not None
+        t0 = time.perf_counter()
         logits = self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).logits
+        self._eval_time += time.perf_counter() - t0
+        self._eval_tokens += int(batch["attention_mask"].sum())
+        self._accumulate_expert_load(batch["attention_mask"])
         nll, ntok = per_example_nll(logits, batch["labels"])  # (B,), (B,)
         domains = batch.get("domain") or ["all"] * len(nll)
         correct = None
@@ -253,6 +271,21 @@ class CausalLMModule(L.LightningModule):
             preds = self.generate_answers(batch["prompt_ids"])
             correct = [check_answer(d, p, r) for d, p, r in zip(domains, preds, batch["reference"])]
         self._report.update(domains, nll, ntok, correct)
+
+    def _accumulate_expert_load(self, attention_mask: Tensor) -> None:
+        """Add this batch's top-k assignments per (MoE layer, expert), padding excluded."""
+        from moe_app.moe.block import find_moe_blocks
+
+        mask = attention_mask.reshape(-1).bool()  # (T,)
+        for name, block in find_moe_blocks(self.model):
+            routing = block.last_routing
+            if routing is None or routing.indices.shape[0] != mask.shape[0]:
+                continue
+            idx = routing.indices[mask]  # (T', k)
+            idx = idx[idx >= 0]
+            counts = torch.bincount(idx, minlength=routing.num_experts).double().cpu()  # (E,)
+            prev = self._expert_load.get(name)
+            self._expert_load[name] = counts if prev is None or prev.shape != counts.shape else prev + counts
 
     def on_test_epoch_end(self) -> None:
         assert self._report is not None
@@ -265,6 +298,27 @@ class CausalLMModule(L.LightningModule):
         self.test_results = rows
         if self.trainer.is_global_zero:
             print(self._report.format_table(rows, title=f"Test results ({type(self).__name__})"))
+            self._write_test_results(rows)
+
+    def _write_test_results(self, rows: list[dict[str, Any]]) -> None:
+        """``<default_root_dir>/test_results.json``: what the pipeline summary reads."""
+        import json
+
+        from moe_app.utils.atomic import atomic_write_text
+
+        counts = count_parameters(self.model)
+        payload = {
+            "module": type(self).__name__,
+            "model": self.source.pretrained or "fresh(arch)",
+            "parameters": {"total": counts.total, "active": counts.active, "trainable": counts.trainable},
+            "eval_tokens_per_s": self._eval_tokens / max(self._eval_time, 1e-9),
+            "rows": rows,
+            # layer name -> tokens routed to each expert over the test set (layer x expert heatmaps)
+            "expert_load": {name: counts.tolist() for name, counts in self._expert_load.items()},
+        }
+        atomic_write_text(
+            Path(self.trainer.default_root_dir) / "test_results.json", json.dumps(payload, indent=2)
+        )
 
     @torch.no_grad()
     def generate_answers(self, prompts: list[list[int]]) -> list[str]:

@@ -36,7 +36,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
         if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}.", fix="e.g. --model.init_args.optim.lr 3e-4")
+            raise ConfigError(
+                f"optim.lr must be > 0, got {self.lr}.", fix="e.g. --model.init_args.optim.lr 3e-4"
+            )
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"unknown schedule {self.schedule!r}.", where="optim.schedule", fix=f"use one of {SCHEDULES}"

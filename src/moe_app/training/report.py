@@ -59,7 +59,13 @@ class DomainReport(nn.Module):
             if n == 0:
                 continue
             rows.append(_row(name, n, nll, tok, ok, gen))
-            tot_nll, tot_tok, tot_ok, tot_gen, tot_n = tot_nll + nll, tot_tok + tok, tot_ok + ok, tot_gen + gen, tot_n + n
+            tot_nll, tot_tok, tot_ok, tot_gen, tot_n = (
+                tot_nll + nll,
+                tot_tok + tok,
+                tot_ok + ok,
+                tot_gen + gen,
+                tot_n + n,
+            )
         if len(rows) > 1:
             rows.append(_row("ALL", tot_n, tot_nll, tot_tok, tot_ok, tot_gen))
         return rows
@@ -70,7 +76,9 @@ class DomainReport(nn.Module):
         lines = [title, header, "-" * len(header)]
         for r in rows:
             acc = f"{100 * r['accuracy']:.1f}%" if r["accuracy"] is not None else "-"
-            lines.append(f"{r['domain']:<16} {r['n']:>6d} {r['loss']:>8.4f} {r['perplexity']:>9.3f} {acc:>12}")
+            lines.append(
+                f"{r['domain']:<16} {r['n']:>6d} {r['loss']:>8.4f} {r['perplexity']:>9.3f} {acc:>12}"
+            )
         return "\n".join(lines)
 
 

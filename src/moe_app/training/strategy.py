@@ -19,7 +19,9 @@ def _name(strategy: Any) -> str:
         return "auto"
     if isinstance(strategy, str):
         return strategy
-    class_path = getattr(strategy, "class_path", None) or (strategy.get("class_path") if hasattr(strategy, "get") else None)
+    class_path = getattr(strategy, "class_path", None) or (
+        strategy.get("class_path") if hasattr(strategy, "get") else None
+    )
     if class_path:
         return str(class_path).rsplit(".", 1)[-1].lower().replace("strategy", "")
     return type(strategy).__name__.lower().replace("strategy", "")
@@ -39,7 +41,11 @@ def check_strategy(trainer_cfg: Any) -> None:
     if accelerator == "cpu" or not torch.cuda.is_available():
         raise ConfigError(
             f"strategy {name!r} needs CUDA GPUs, but "
-            + ("the accelerator is set to cpu." if accelerator == "cpu" else "no CUDA GPU is visible on this machine."),
+            + (
+                "the accelerator is set to cpu."
+                if accelerator == "cpu"
+                else "no CUDA GPU is visible on this machine."
+            ),
             where="trainer.strategy",
             fix="use --trainer.strategy ddp (works on CPU with --trainer.accelerator cpu --trainer.devices 2), "
             "or run on a machine with GPUs",

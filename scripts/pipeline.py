@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Run the whole tiny moe-app pipeline on the built-in offline data, stage by stage.
+
+Every stage is an ordinary ``moe-app`` command with a config you can copy; this script only
+chains them, skips stages whose outputs are already complete, and summarises:
+
+  dense pre-training -> test -> upcycling + continual pre-training -> test -> PESC tuning -> test
+  -> two-stage post-training with dynamic data mixing -> test -> expert pruning + skipping -> test
+  -> export to a standard HF MoE checkpoint
+
+Usage:  python scripts/pipeline.py [--runs runs] [--only STAGE ...] [--force STAGE ...] [--list]
+
+A failed stage stops the pipeline with the stage name, the command and its exit code; outputs are
+written atomically by moe-app, so a failed stage leaves nothing half-written and a re-run resumes
+at that stage. At the end: a summary table (runs/pipeline_summary.md) and plots (runs/plots/*.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Stage:
+    name: str
+    """Short name (used by --only / --force)."""
+    label: str
+    """Row label in the summary table."""
+    commands: list[list[str]]
+    """moe-app argument lists, run in order."""
+    outputs: list[str]
+    """Paths that must exist and be complete for the stage to count as done."""
+    results: str | None = None
+    """test_results.json written by the stage's `moe-app test`, for the summary."""
+    metrics_root: str | None = None
+    """Run root whose lightning_logs/*/metrics.csv holds the training curves."""
+    needs: list[str] = field(default_factory=list)
+
+
+def stages(runs: str) -> list[Stage]:
+    r = runs
+    return [
+        Stage(
+            name="dense",
+            label="dense",
+            commands=[
+                ["fit", "-c", "configs/tiny/dense.yaml", "--trainer.default_root_dir", f"{r}/tiny-dense"],
+                [
+                    "test",
+                    "-c",
+                    "configs/tiny/dense.yaml",
+                    "--trainer.default_root_dir",
+                    f"{r}/tiny-dense",
+                    "--model.init_args.source.pretrained",
+                    f"{r}/tiny-dense/model",
+                ],
+            ],
+            outputs=[f"{r}/tiny-dense/model", f"{r}/tiny-dense/test_results.json"],
+            results=f"{r}/tiny-dense/test_results.json",
+            metrics_root=f"{r}/tiny-dense",
+        ),
+    ]
+
+
+def is_complete(path: Path) -> bool:
+    """A file exists, or a model directory has its config and every weight shard."""
+    if not path.exists():
+        return False
+    if path.is_file():
+        return path.stat().st_size > 0
+    if not (path / "config.json").exists():
+        return False
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError):
+            return False
+        return all((path / s).exists() for s in shards)
+    return any(path.glob("*.safetensors"))
+
+
+def run_stage(stage: Stage, env: dict[str, str]) -> None:
+    for args in stage.commands:
+        cmd = [sys.executable, "-m", "moe_app", *args]
+        print(f"\n[pipeline] {stage.name}: moe-app {shlex.join(args)}", flush=True)
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env)
+        if proc.returncode != 0:
+            raise StageFailed(stage.name, args, proc.returncode)
+        print(f"[pipeline] {stage.name}: done in {time.time() - t0:.0f}s", flush=True)
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, args: list[str], code: int) -> None:
+        super().__init__(f"stage {stage!r} failed (exit code {code}) running: moe-app {shlex.join(args)}")
+        self.stage, self.code = stage, code
+
+
+def summary_table(all_stages: list[Stage]) -> str:
+    rows = []
+    domains: list[str] = []
+    for st in all_stages:
+        if st.results is None or not (ROOT / st.results).exists():
+            continue
+        res = json.loads((ROOT / st.results).read_text())
+        by_dom = {row["domain"]: row for row in res["rows"]}
+        for d in by_dom:
+            if d != "ALL" and d not in domains:
+                domains.append(d)
+        rows.append((st.label, res, by_dom))
+    if not rows:
+        return "(no test results yet)"
+    head = ["model", "total", "active", "trainable", "test loss", *domains, "eval tok/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, res, by_dom in rows:
+        p = res["parameters"]
+        overall = by_dom.get("ALL") or next(iter(by_dom.values()))
+        accs = []
+        for d in domains:
+            a = by_dom.get(d, {}).get("accuracy")
+            accs.append("-" if a is None else f"{100 * a:.0f}%")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    label,
+                    _human(p["total"]),
+                    _human(p["active"]),
+                    _human(p["trainable"]),
+                    f"{overall['loss']:.3f}",
+                    *accs,
+                    f"{res.get('eval_tokens_per_s', 0):,.0f}",
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _human(n: int) -> str:
+    for unit, div in (("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default="runs", help="root directory for every stage's outputs")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these stages")
+    ap.add_argument("--force", nargs="*", default=[], help="re-run these stages even if complete")
+    ap.add_argument("--list", action="store_true", help="list the stages and their commands, then exit")
+    args = ap.parse_args(argv)
+    all_stages = stages(args.runs)
+    if args.list:
+        for st in all_stages:
+            print(f"{st.name}:")
+            for c in st.commands:
+                print(f"  moe-app {shlex.join(c)}")
+        return 0
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    t_start = time.time()
+    for st in all_stages:
+        if args.only is not None and st.name not in args.only:
+            continue
+        done = all(is_complete(ROOT / o) for o in st.outputs)
+        if done and st.name not in args.force:
+            print(f"[pipeline] {st.name}: outputs complete, skipping ({', '.join(st.outputs)})")
+            continue
+        try:
+            run_stage(st, env)
+        except StageFailed as exc:
+            print(
+                f"\n[pipeline] FAILED: {exc}. Nothing half-written was kept; fix and re-run to resume here."
+            )
+            return exc.code or 1
+    table = summary_table(all_stages)
+    out = ROOT / args.runs / "pipeline_summary.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+    try:
+        from moe_app.plots import write_pipeline_plots
+
+        plots = write_pipeline_plots(ROOT, all_stages, ROOT / args.runs / "plots")
+    except ImportError:
+        plots = []
+    print("\n" + table)
+    print(
+        f"\n[pipeline] summary: {out.relative_to(ROOT)}; plots: {', '.join(str(p) for p in plots) or 'none'}"
+    )
+    print(f"[pipeline] total time {time.time() - t_start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
