@@ -21,7 +21,7 @@ GPU_PRESETS = ("fsdp", "deepspeed")
 
 
 def _instantiate(tmp_path: Path, *configs: Path, extra: tuple[str, ...] = ()):
-    args = ["fit"]
+    args = []
     for c in configs:
         args += ["-c", str(c)]
     args += ["--trainer.default_root_dir", str(tmp_path), *extra]

@@ -101,18 +101,51 @@ def _cli_class():
             trainer["default_root_dir"] = root
             if cfg.get("checkpoint") is not None and cfg["checkpoint"].get("dirpath") is None:
                 cfg["checkpoint"]["dirpath"] = str(Path(root) / "checkpoints")
+            if trainer.get("logger") in (None, True):
+                # Lightning's default (CSV without tensorboard) made explicit: no fallback notice.
+                from jsonargparse import Namespace
+
+                trainer["logger"] = Namespace(
+                    class_path="lightning.pytorch.loggers.CSVLogger",
+                    init_args=Namespace(save_dir=root, name="lightning_logs"),
+                )
 
     return MoeAppCLI
 
 
+def _parser_class():
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    class MoeAppArgumentParser(LightningArgumentParser):
+        """One readable line on a bad argument or config value, not the whole usage text."""
+
+        def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+            if os.environ.get(DEBUG_ENV) == "1":
+                return super().error(message, ex)
+            prog = self.prog if self.prog and "__main__" not in self.prog else "moe-app"
+            first = " ".join(str(message).split())
+            sys.stderr.write(
+                f"moe-app: error: {first}\nFix: correct the key or value (see `{prog} --help`); "
+                "add --debug for details.\n"
+            )
+            raise SystemExit(2)
+
+    return MoeAppArgumentParser
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> Any:
-    """Run the Lightning part of the CLI (``fit`` etc.). Callable from tests."""
+    """Run the Lightning part of the CLI (``fit`` etc.). Callable from tests.
+
+    With ``run=False`` the arguments must not include a subcommand: the classes are only
+    instantiated (what the config tests use).
+    """
     from lightning.pytorch import LightningDataModule
 
     from moe_app.training.lm import CausalLMModule
 
     cli_cls = _cli_class()
     return cli_cls(
+        parser_class=_parser_class(),
         model_class=CausalLMModule,
         datamodule_class=LightningDataModule,
         subclass_mode_model=True,
@@ -129,8 +162,26 @@ def _has_omegaconf() -> bool:
     return importlib.util.find_spec("omegaconf") is not None
 
 
+def _quiet_third_party_chatter() -> None:
+    """Drop advertising and notices that say nothing about the user's run."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tip:" not in record.getMessage()
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
+        logging.getLogger(name).addFilter(_NoTips())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_third_party_chatter()
     debug, argv = _debug_requested(argv)
     if debug:
         os.environ[DEBUG_ENV] = "1"  # child processes (DDP) inherit it
