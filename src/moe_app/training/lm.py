@@ -192,7 +192,11 @@ class CausalLMModule(L.LightningModule):
         # Idempotent: Lightning may call it more than once (e.g. fit then test in one process).
         if self.model is not None:
             return
-        self.model = self.build_model()
+        model = self.build_model()
+        # from_pretrained returns eval mode and Lightning preserves module modes: without this,
+        # dropout, router noise and jitter would silently stay off during training.
+        model.train()
+        self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

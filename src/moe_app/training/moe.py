@@ -203,6 +203,15 @@ class MoeLMModule(CausalLMModule):
         )
 
     # ------------------------------------------------------------------ saving
+    def lineage_entry(self) -> dict[str, Any]:
+        entry = super().lineage_entry()
+        if self.upcycle_cfg is not None:
+            entry["stage"] = f"upcycle:{self.upcycle_cfg.method}"
+            entry["upcycle"] = asdict(self.upcycle_cfg)
+        else:
+            entry["stage"] = "moe_train"
+        return entry
+
     def save_model_dir(self, path: Path) -> None:
         from moe_app.io.checkpoint import save_moe_checkpoint
 
