@@ -105,7 +105,8 @@ class TopKRouter(nn.Module):
         probs = logits.softmax(dim=-1)  # (T, E)
         top_p, indices = probs.topk(self.top_k, dim=-1)  # (T, k)
         if self.skip_beta is not None and not self.training and self.top_k > 1:
-            keep = top_p >= self.skip_beta * top_p[:, :1]  # (T, k); column 0 always kept
+            keep = top_p >= self.skip_beta * top_p[:, :1]  # (T, k)
+            keep[:, 0] = True  # the first choice is never skipped, even with beta > 1
             top_p = top_p * keep
             indices = indices.masked_fill(~keep, -1)
         weights = combine_weights(top_p, self.rule)

@@ -15,6 +15,7 @@ actually balances.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -99,16 +100,17 @@ class PostTrainModule(MoeLMModule):
 
     Args:
         init_from: the previous stage's output directory (moe-app checkpoint or stock HF MoE).
+        source: model options (dtype, activation checkpointing, ...); its ``pretrained`` is set to
+            ``init_from``.
         stage: this stage's name, recorded in the lineage (e.g. ``post_stage1``).
         requires_stage: refuse ``init_from`` unless its lineage contains this stage.
         expect_architecture: refuse ``init_from`` unless its ``architectures`` contains this.
-        tokenizer: tokenizer override (default: the one saved with ``init_from``).
-        dtype: parameter dtype.
     """
 
     def __init__(
         self,
         init_from: str,
+        source: ModelSource | None = None,
         stage: str = "post_stage1",
         requires_stage: str | None = None,
         expect_architecture: str | None = None,
@@ -116,14 +118,12 @@ class PostTrainModule(MoeLMModule):
         freeze: FreezeConfig | None = None,
         optim: OptimConfig | None = None,
         generation: GenerationConfig | None = None,
-        tokenizer: str | None = None,
-        dtype: str = "float32",
         log_load_every_n_steps: int = 50,
         save_dir: str | None = "model",
         seed: int = 0,
     ) -> None:
         super().__init__(
-            source=ModelSource(pretrained=init_from, tokenizer=tokenizer, dtype=dtype),
+            source=_with_pretrained(source, init_from),
             upcycle=None,
             router_losses=router_losses,
             freeze=freeze,
@@ -153,6 +153,12 @@ class PostTrainModule(MoeLMModule):
         describe = getattr(dm, "describe", None)
         entry["data"] = describe() if callable(describe) else _describe_data(dm)
         return entry
+
+
+def _with_pretrained(source: ModelSource | None, init_from: str) -> ModelSource:
+    if source is None:
+        return ModelSource(pretrained=init_from)
+    return dataclasses.replace(source, pretrained=init_from, arch=None)
 
 
 def _describe_data(dm: Any) -> dict[str, Any] | None:

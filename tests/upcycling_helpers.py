@@ -1,0 +1,64 @@
+"""Helpers shared by the upcycling / checkpoint / export tests (tiny random models, fixed inputs)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def build(config, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tokens(vocab: int = 128, batch: int = 2, seq: int = 11, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=g)
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def upcycled(dense, cfg, calibration=None):
+    from moe_app.upcycling import upcycle
+
+    return upcycle(copy.deepcopy(dense), cfg, calibration).eval()
+
+
+def qwen3_config(**kw):
+    from transformers import Qwen3Config
+
+    base = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    base.update(kw)
+    return Qwen3Config(**base)
+
+
+def qwen2_config(**kw):
+    from transformers import Qwen2Config
+
+    base = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    base.update(kw)
+    return Qwen2Config(**base)
