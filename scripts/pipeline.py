@@ -47,27 +47,50 @@ class Stage:
     needs: list[str] = field(default_factory=list)
 
 
+# Evaluation settings shared by every stage's `moe-app test` (the suite's test split, 50 per domain).
+TEST_ARGS = ["--data.init_args.max_eval_examples_per_source", "50", "--trainer.enable_progress_bar", "false"]
+QUIET = ["--trainer.enable_progress_bar", "false"]
+
+
+def train_and_test(name: str, label: str, config: str, root: str, *, fit_args=(), test_args=(), needs=()) -> Stage:
+    """A stage that fits ``config`` into ``root`` and tests the result (restored from last.ckpt)."""
+    common = ["-c", config, "--trainer.default_root_dir", root]
+    return Stage(
+        name=name,
+        label=label,
+        commands=[
+            ["fit", *common, *QUIET, *fit_args],
+            ["test", *common, "--ckpt_path", "last", *TEST_ARGS, *test_args],
+        ],
+        outputs=[f"{root}/model", f"{root}/test_results.json"],
+        results=f"{root}/test_results.json",
+        metrics_root=root,
+        needs=list(needs),
+    )
+
+
 def stages(runs: str) -> list[Stage]:
     r = runs
+    dense = f"{r}/tiny-dense/model"
     return [
-        Stage(
-            name="dense",
-            label="dense",
-            commands=[
-                ["fit", "-c", "configs/tiny/dense.yaml", "--trainer.default_root_dir", f"{r}/tiny-dense"],
-                [
-                    "test",
-                    "-c",
-                    "configs/tiny/dense.yaml",
-                    "--trainer.default_root_dir",
-                    f"{r}/tiny-dense",
-                    "--model.init_args.source.pretrained",
-                    f"{r}/tiny-dense/model",
-                ],
-            ],
-            outputs=[f"{r}/tiny-dense/model", f"{r}/tiny-dense/test_results.json"],
-            results=f"{r}/tiny-dense/test_results.json",
-            metrics_root=f"{r}/tiny-dense",
+        train_and_test("dense", "dense", "configs/tiny/dense.yaml", f"{r}/tiny-dense"),
+        train_and_test(
+            "upcycle",
+            "upcycled (copy 8x top-2)",
+            "configs/tiny/upcycle.yaml",
+            f"{r}/tiny-upcycle",
+            fit_args=["--model.init_args.source.pretrained", dense],
+            test_args=["--model.init_args.source.pretrained", dense],
+            needs=["dense"],
+        ),
+        train_and_test(
+            "pesc",
+            "PESC (8 adapters top-2)",
+            "configs/tiny/pesc.yaml",
+            f"{r}/tiny-pesc",
+            fit_args=["--model.init_args.source.pretrained", dense],
+            test_args=["--model.init_args.source.pretrained", dense],
+            needs=["dense"],
         ),
     ]
 

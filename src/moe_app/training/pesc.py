@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from moe_app.errors import ConfigError
+from moe_app.errors import CheckpointError, ConfigError
 from moe_app.training.lm import CausalLMModule, GenerationConfig, ModelSource
 from moe_app.training.optim import OptimConfig
 from moe_app.upcycling.pesc import (
@@ -79,6 +79,8 @@ class PescModule(CausalLMModule):
             )
         self.hparams["pesc"] = asdict(self.pesc)
         self.hparams["save_full"] = save_full
+        # Lets `moe-app test --ckpt_path ...` re-parse these hparams as a PescModule, not the base class.
+        self.hparams["_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
         # The .ckpt holds only trainable tensors; the frozen base comes back from `source`.
         self.strict_loading = False
 
@@ -138,6 +140,19 @@ class PescModule(CausalLMModule):
         if src is None:
             return None
         return read_pesc_meta(src)["base_model"] if is_pesc_adapter_dir(src) else src
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # strict_loading is off (the base is not in the .ckpt), so check the trainable part ourselves.
+        if self.model is None:
+            return
+        state = checkpoint.get("state_dict", {})
+        missing = [n for n, _ in self.named_parameters() if is_pesc_trainable(n) and n not in state]
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint lacks {len(missing)} trainable PESC tensors, e.g. {missing[:3]}",
+                where="ckpt_path",
+                fix="resume with the same PescConfig (model.init_args.pesc) the checkpoint was trained with",
+            )
 
     def save_model_dir(self, path: Path) -> None:
         if self.save_full:

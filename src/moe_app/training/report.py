@@ -37,13 +37,16 @@ class DomainReport(nn.Module):
                 self.metrics[f"{name}{d}"] = SumMetric().to(device)
         return self._index[domain]
 
-    def update(self, domains: list[str], nll: Tensor, ntok: Tensor, correct: list[bool] | None) -> None:
+    def update(
+        self, domains: list[str], nll: Tensor, ntok: Tensor, correct: list[bool | None] | None
+    ) -> None:
+        """Add a batch; ``correct[i]`` is None for rows without a generation check (plain text)."""
         for i, dom in enumerate(domains):
             d = self._idx(dom)
             self.metrics[f"nll{d}"].update(nll[i].detach().double())
             self.metrics[f"tok{d}"].update(ntok[i].detach().double())
             self.metrics[f"n{d}"].update(torch.tensor(1.0, dtype=torch.float64))
-            if correct is not None:
+            if correct is not None and correct[i] is not None:
                 self.metrics[f"ok{d}"].update(torch.tensor(float(correct[i]), dtype=torch.float64))
                 self.metrics[f"gen{d}"].update(torch.tensor(1.0, dtype=torch.float64))
 
