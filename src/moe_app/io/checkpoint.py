@@ -203,6 +203,10 @@ def load_model(
     defaults to the checkpoint's.
     """
     p = Path(path).expanduser()
+    from moe_app.upcycling.pesc import is_pesc_adapter_dir, load_pesc_model
+
+    if is_pesc_adapter_dir(p):  # PESC adapter-only dir: base model + adapters and routers on top
+        return load_pesc_model(p, dtype=dtype, device=device)
     if not is_moe_checkpoint(p):
         return load_hf_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device)
     from transformers import AutoConfig

@@ -386,6 +386,21 @@ class ExportResult:
     format: str
 
 
+def _merge_lora_experts_if_any(model: nn.Module) -> nn.Module:
+    """PESC LoRA-expert blocks (MixLoRA-style) merge exactly into full experts; merge them first.
+
+    Adapter-variant PESC blocks cannot be merged and stay as they are (the analysis refuses them
+    with the reason).
+    """
+    from moe_app.moe.pesc import LoraExpertsMoeBlock
+
+    if any(isinstance(m, LoraExpertsMoeBlock) for m in model.modules()):
+        from moe_app.upcycling.pesc import merge_pesc
+
+        model = merge_pesc(model)
+    return model
+
+
 def export_checkpoint(
     src: str | Path | nn.Module,
     out_dir: str | Path,
@@ -401,6 +416,7 @@ def export_checkpoint(
     else:
         src_dir = Path(src)
         model = load_model(src_dir)
+    model = _merge_lora_experts_if_any(model)
     fmt = choose_format(model, format)
     a = _analyse(model)
     cfg = target_config(model, fmt)

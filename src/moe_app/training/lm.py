@@ -118,9 +118,11 @@ class CausalLMModule(L.LightningModule):
         self.generation = generation or GenerationConfig()
         self.save_dir = save_dir
         self.seed = seed
-        # Plain types only: Lightning checkpoints are loaded with weights_only=True.
+        # Plain types only: Lightning checkpoints are loaded with weights_only=True. `_class_path`
+        # lets `moe-app test --ckpt_path FILE` re-parse them as this subclass, not the base class.
         self.save_hyperparameters(
             {
+                "_class_path": f"{type(self).__module__}.{type(self).__qualname__}",
                 "source": asdict(source),
                 "optim": asdict(self.optim),
                 "generation": asdict(self.generation),

@@ -95,6 +95,7 @@ class MoeLMModule(CausalLMModule):
                 "upcycle": asdict(upcycle) if upcycle is not None else None,
                 "router_losses": asdict(self.router_losses),
                 "freeze": asdict(self.freeze),
+                "log_load_every_n_steps": log_load_every_n_steps,
             }
         )
 

@@ -79,8 +79,6 @@ class PescModule(CausalLMModule):
             )
         self.hparams["pesc"] = asdict(self.pesc)
         self.hparams["save_full"] = save_full
-        # Lets `moe-app test --ckpt_path ...` re-parse these hparams as a PescModule, not the base class.
-        self.hparams["_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
         # The .ckpt holds only trainable tensors; the frozen base comes back from `source`.
         self.strict_loading = False
 

@@ -137,7 +137,16 @@ class PostTrainModule(MoeLMModule):
         self.stage = stage
         self.requires_stage = requires_stage
         self.expect_architecture = expect_architecture
-        self.hparams.update({"init_from": init_from, "stage": stage, "requires_stage": requires_stage})
+        self.hparams.pop("upcycle", None)  # not an argument of this class (always null here)
+        self.hparams.update(
+            {
+                "init_from": init_from,
+                "stage": stage,
+                "requires_stage": requires_stage,
+                "expect_architecture": expect_architecture,
+                "log_load_every_n_steps": log_load_every_n_steps,
+            }
+        )
 
     def build_model(self) -> torch.nn.Module:
         check_init_from(

@@ -51,6 +51,13 @@ class DomainReport(nn.Module):
                 self.metrics[f"gen{d}"].update(torch.tensor(1.0, dtype=torch.float64))
 
     def compute(self) -> list[dict[str, Any]]:
+        import warnings
+
+        with warnings.catch_warnings():  # domains announced but absent from this test set
+            warnings.filterwarnings("ignore", message=".*compute.*called before the ``update``.*")
+            return self._compute()
+
+    def _compute(self) -> list[dict[str, Any]]:
         rows = []
         tot_nll = tot_tok = tot_ok = tot_gen = tot_n = 0.0
         for d, name in enumerate(self.domains):

@@ -1,0 +1,140 @@
+"""PescModule: a few Lightning steps on a tiny base, router losses without padding, saved checkpoints."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import pytest
+import torch
+from torch.testing import assert_close
+from torch.utils.data import DataLoader
+
+from moe_app.errors import ConfigError
+from moe_app.moe.losses import load_balancing_loss
+from moe_app.training.lm import ModelSource
+from moe_app.training.optim import OptimConfig
+from moe_app.training.pesc import PescModule
+from moe_app.upcycling.pesc import PescConfig, is_pesc_trainable, load_pesc_full, load_pesc_model, pesc_blocks
+
+
+def _batches(n: int = 4, bsz: int = 2, seq: int = 12):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 128, (bsz, seq), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, -4:] = 0  # right padding in the first row
+        labels = ids.masked_fill(mask == 0, -100)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def _module(base, **pesc) -> PescModule:
+    cfg = PescConfig(num_experts=4, top_k=2, adapter_dim=8, **pesc)
+    return PescModule(
+        ModelSource(pretrained=str(base), tokenizer="builtin"),
+        pesc=cfg,
+        optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"),
+    )
+
+
+def _trainer(tmp_path, steps: int = 3) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+
+
+@pytest.mark.parametrize("save_full", [False, True])
+def test_fit_trains_only_pesc_params_and_saves_a_reloadable_model(tiny_llama_dir, tmp_path, save_full):
+    module = _module(tiny_llama_dir, balance_loss_coef=0.01)
+    module.save_full = save_full
+    trainer = _trainer(tmp_path)
+    trainer.fit(module, train_dataloaders=DataLoader(_batches(), batch_size=None))
+    assert trainer.global_step == 3
+    model = module.model.eval()
+    assert all(is_pesc_trainable(n) == p.requires_grad for n, p in model.named_parameters())
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("adapters.up"))
+    ids = _batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    out = tmp_path / "model"
+    back = load_pesc_full(out) if save_full else load_pesc_model(out)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, expected)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and all(is_pesc_trainable(k) for k in state)  # the frozen base is not in the .ckpt
+
+
+def test_balance_loss_excludes_padding_and_reaches_the_router(tiny_llama_dir):
+    module = _module(tiny_llama_dir, balance_loss_coef=0.5, z_loss_coef=0.1)
+    module.configure_model()
+    batch = _batches(1)[0]
+    module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    losses = module.extra_losses(batch)
+    assert set(losses) == {"router_balance_loss", "router_z_loss"}
+    mask = batch["attention_mask"].reshape(-1)
+    per_layer = [
+        load_balancing_loss(b.last_routing.probs, b.last_routing.indices, 4, mask)
+        for _, b in pesc_blocks(module.model)
+    ]
+    assert_close(losses["router_balance_loss"], 0.5 * torch.stack(per_layer).mean())
+    unmasked = [
+        load_balancing_loss(b.last_routing.probs, b.last_routing.indices, 4)
+        for _, b in pesc_blocks(module.model)
+    ]
+    assert not torch.allclose(torch.stack(per_layer), torch.stack(unmasked))
+    losses["router_balance_loss"].backward()
+    router = module.model.model.layers[0].mlp.router.weight
+    assert router.grad is not None and router.grad.abs().sum() > 0
+
+
+def test_no_router_loss_by_default(tiny_llama_dir):
+    module = _module(tiny_llama_dir)
+    assert module.extra_losses(_batches(1)[0]) == {}
+
+
+def test_adapter_only_save_needs_a_base_checkpoint():
+    with pytest.raises(ConfigError, match="adapter-only checkpoint needs a base"):
+        PescModule(ModelSource(arch={"hidden_size": 32}), pesc=PescConfig())
+
+
+def test_fit_start_prints_parameter_counts(tiny_llama_dir, tmp_path, caplog):
+    module = _module(tiny_llama_dir)
+    module.save_dir = None
+    with caplog.at_level(logging.INFO):
+        _trainer(tmp_path, steps=1).fit(module, train_dataloaders=DataLoader(_batches(1), batch_size=None))
+    text = caplog.text
+    assert "active per token" in text and "trainable" in text
+    assert "PESC (adapter, E=4, k=2" in text and "routers" in text
+
+
+def test_trainable_only_lightning_checkpoint_restores_and_checks_keys(tiny_llama_dir, tmp_path):
+    from moe_app.errors import CheckpointError
+
+    module = _module(tiny_llama_dir)
+    module.save_dir = None
+    trainer = _trainer(tmp_path, steps=2)
+    trainer.fit(module, train_dataloaders=DataLoader(_batches(2), batch_size=None))
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    ckpt = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["_class_path"] == "moe_app.training.pesc.PescModule"
+    fresh = _module(tiny_llama_dir)
+    fresh.configure_model()
+    fresh.on_load_checkpoint(ckpt)
+    fresh.load_state_dict(ckpt["state_dict"], strict=False)
+    ids = _batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(
+            fresh.model.eval()(input_ids=ids).logits, module.model.eval()(input_ids=ids).logits
+        )
+    ckpt["state_dict"].pop(next(iter(ckpt["state_dict"])))
+    with pytest.raises(CheckpointError, match="lacks 1 trainable PESC tensors"):
+        fresh.on_load_checkpoint(ckpt)
