@@ -17,24 +17,30 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_DATA = [
-    "--data.init_args.batch_size", "4",
-    "--data.init_args.max_length", "48",
-    "--data.init_args.max_eval_examples_per_source", "4",
+    "--data.init_args.batch_size",
+    "4",
+    "--data.init_args.max_length",
+    "48",
+    "--data.init_args.max_eval_examples_per_source",
+    "4",
 ]
 
 
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory) -> Path:
+    from tests.conftest import tiny_llama_config
     from transformers import AutoModelForCausalLM
 
     from moe_app.data.tokenizer import suite_tokenizer
-    from tests.conftest import tiny_llama_config
 
     tok = suite_tokenizer()
     out = tmp_path_factory.mktemp("ddp") / "dense"
     torch.manual_seed(0)
     cfg = tiny_llama_config(
-        vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -45,14 +51,33 @@ def _fit_ddp(config: str, root: Path, dense: Path, *extra: str) -> subprocess.Co
     env = dict(os.environ)
     env.pop("MOE_APP_DEBUG", None)
     cmd = [
-        sys.executable, "-m", "moe_app", "fit", "-c", config,
-        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-        "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0", "--trainer.deterministic", "false",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(root),
-        "--model.init_args.source.pretrained", str(dense),
+        sys.executable,
+        "-m",
+        "moe_app",
+        "fit",
+        "-c",
+        config,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.max_steps",
+        "4",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.deterministic",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+        "--model.init_args.source.pretrained",
+        str(dense),
         "--trainer.callbacks+=tests.ddp_probe.RankProbe",
-        *SMALL_DATA, *extra,
+        *SMALL_DATA,
+        *extra,
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -84,9 +109,13 @@ def _load_safetensors(d: Path) -> dict[str, torch.Tensor]:
 def test_ddp_upcycle_two_processes(tmp_path: Path, dense_dir: Path):
     root = tmp_path / "run"
     res = _fit_ddp(
-        "configs/tiny/upcycle.yaml", root, dense_dir,
-        "--model.init_args.upcycle.num_experts", "4",
-        "--data.init_args.sources", '[{"name": "suite", "builtin": "all", "builtin_train_size": 64, "builtin_eval_size": 4}]',
+        "configs/tiny/upcycle.yaml",
+        root,
+        dense_dir,
+        "--model.init_args.upcycle.num_experts",
+        "4",
+        "--data.init_args.sources",
+        '[{"name": "suite", "builtin": "all", "builtin_train_size": 64, "builtin_eval_size": 4}]',
     )
     assert res.returncode == 0, res.stderr[-4000:]
     _check_ranks(root, _load_safetensors(root / "model"))
@@ -96,9 +125,13 @@ def test_ddp_upcycle_two_processes(tmp_path: Path, dense_dir: Path):
 def test_ddp_pesc_two_processes(tmp_path: Path, dense_dir: Path):
     root = tmp_path / "run"
     res = _fit_ddp(
-        "configs/tiny/pesc.yaml", root, dense_dir,
-        "--model.init_args.pesc.num_experts", "4",
-        "--data.init_args.sources", '[{"name": "arithmetic", "builtin": "arithmetic", "builtin_train_size": 64, "builtin_eval_size": 4}]',
+        "configs/tiny/pesc.yaml",
+        root,
+        dense_dir,
+        "--model.init_args.pesc.num_experts",
+        "4",
+        "--data.init_args.sources",
+        '[{"name": "arithmetic", "builtin": "arithmetic", "builtin_train_size": 64, "builtin_eval_size": 4}]',
     )
     assert res.returncode == 0, res.stderr[-4000:]
     _check_ranks(root, _load_safetensors(root / "model"))

@@ -90,6 +90,12 @@ def _cli_class():
 
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+            # Reliability (issue #9, docs/reliability.md): always-on callbacks, configurable by key.
+            from moe_app.callbacks.reliability import GracefulStop, NumericalGuard, TrainingRNG
+
+            parser.add_lightning_class_args(NumericalGuard, "numerical_guard")
+            parser.add_lightning_class_args(GracefulStop, "graceful_stop")
+            parser.add_lightning_class_args(TrainingRNG, "training_rng")
 
         def before_instantiate_classes(self) -> None:
             from moe_app.training.strategy import check_strategy
@@ -101,6 +107,9 @@ def _cli_class():
             trainer["default_root_dir"] = root
             if cfg.get("checkpoint") is not None and cfg["checkpoint"].get("dirpath") is None:
                 cfg["checkpoint"]["dirpath"] = str(Path(root) / "checkpoints")
+            from moe_app.callbacks.reliability import default_trainer_plugins
+
+            default_trainer_plugins(trainer)  # atomic checkpoint writes, weights_only loads
             if trainer.get("logger") in (None, True):
                 # Lightning's default (CSV without tensorboard) made explicit: no fallback notice.
                 from jsonargparse import Namespace

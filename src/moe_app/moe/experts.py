@@ -84,10 +84,11 @@ class _SwiGLUDispatch(torch.autograd.Function):
         xs = x.index_select(0, token_of)  # (N, d)
         gu = _gmm(xs, gate_up.transpose(1, 2), offs, counts)  # (N, 2F)
         gate, up = gu[:, :inter], gu[:, inter:]  # (N, F) views
-        h = F.silu(gate).mul_(up)  # (N, F)
+        act = F.silu(gate)  # (N, F), kept: recomputing it in backward costs an exp per element
+        h = act * up  # (N, F)
         ys = _gmm(h, down.transpose(1, 2), offs, counts)  # (N, d), unweighted: the weight grad needs it
         out = x.new_zeros(x.shape).index_add_(0, token_of, ys * w.unsqueeze(-1))  # (T, d)
-        ctx.save_for_backward(xs, w, gate_up, down, token_of, offs, gu, h, ys)
+        ctx.save_for_backward(xs, w, gate_up, down, token_of, offs, gu, act, h, ys)
         ctx.counts = counts
         ctx.num_tokens = x.shape[0]
         return out
@@ -95,7 +96,7 @@ class _SwiGLUDispatch(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        xs, w, gate_up, down, token_of, offs, gu, h, ys = ctx.saved_tensors
+        xs, w, gate_up, down, token_of, offs, gu, act, h, ys = ctx.saved_tensors
         counts = ctx.counts
         inter = down.shape[-1]
         need_x, need_w, need_gu, need_down = ctx.needs_input_grad[:4]
@@ -114,8 +115,7 @@ class _SwiGLUDispatch(torch.autograd.Function):
         del g
         gate, up = gu[:, :inter], gu[:, inter:]
         ggu = torch.empty_like(gu)  # (N, 2F): gate grad | up grad, the layout gate_up_proj wants
-        # silu(gate) is recomputed straight into its slot rather than saved: one (N, F) buffer less.
-        torch.ops.aten.silu.out(gate, out=ggu[:, inter:]).mul_(gh)
+        torch.mul(act, gh, out=ggu[:, inter:])
         gh.mul_(up)
         torch.ops.aten.silu_backward.grad_input(gh, gate, grad_input=ggu[:, :inter])
         del gh
@@ -185,16 +185,17 @@ class SwiGLUExperts(nn.Module):
         """Which matmul the dispatch will use for ``x``; raises if ``impl='grouped_mm'`` cannot run."""
         if self.impl == "loop":
             return False
+        dtype = self.gate_up_proj.dtype  # the input is cast to it
         ok = (
-            grouped_mm_supported(x.dtype, self.hidden_size, self.intermediate_size)
-            and x.dtype == self.gate_up_proj.dtype == self.down_proj.dtype
+            grouped_mm_supported(dtype, self.hidden_size, self.intermediate_size)
+            and self.down_proj.dtype == dtype
             and not torch.is_autocast_enabled(x.device.type)
         )
         if self.impl == "grouped_mm" and not ok:
             raise ValueError(
-                "impl='grouped_mm' needs fp32/bf16/fp16 inputs matching the parameter dtype, no autocast, "
-                "and hidden/intermediate sizes with 16-byte aligned rows; got "
-                f"x {x.dtype}, params {self.gate_up_proj.dtype}, d={self.hidden_size}, "
+                "impl='grouped_mm' needs fp32/bf16/fp16 parameters, no autocast, and hidden/intermediate "
+                "sizes with 16-byte aligned rows; got "
+                f"params {dtype}, autocast {torch.is_autocast_enabled(x.device.type)}, d={self.hidden_size}, "
                 f"F={self.intermediate_size}. Use impl='auto' to fall back to the per-expert loop."
             )
         return ok
@@ -218,9 +219,13 @@ class SwiGLUExperts(nn.Module):
         seg = None if self.use_grouped_mm(x) else counts[1:].tolist()
         if order.numel() == 0:
             return x * 0.0  # keeps the graph connected to x; every slot was skipped
-        if self.act_name in _FUSED_ACTS:
-            return _SwiGLUDispatch.apply(x, w, self.gate_up_proj, self.down_proj, token_of, offs, seg)
-        return self._forward_autograd(x, w, token_of, offs, seg)
+        if torch.is_autocast_enabled(x.device.type) or self.act_name not in _FUSED_ACTS:
+            return self._forward_autograd(x, w, token_of, offs, seg)  # autocast casts per op there
+        dtype = self.gate_up_proj.dtype
+        y = _SwiGLUDispatch.apply(
+            x.to(dtype), w.to(dtype), self.gate_up_proj, self.down_proj, token_of, offs, seg
+        )
+        return y.to(x.dtype)
 
     def _forward_autograd(self, x: Tensor, w: Tensor, token_of: Tensor, offs: Tensor, seg) -> Tensor:
         """The same dispatch from autograd ops, for activations without a fused backward."""

@@ -26,7 +26,16 @@ def decoder_layer_classes(module: nn.Module) -> set[type[nn.Module]]:
 
 
 class DecoderLayerFSDPStrategy(FSDPStrategy):
-    """``FSDPStrategy`` whose default auto-wrap policy is "every decoder layer"."""
+    """``FSDPStrategy`` whose default auto-wrap policy is "every decoder layer".
+
+    Args:
+        use_orig_params: keep the original parameters visible to the optimiser, required when
+            frozen and trainable parameters share a wrapped layer (PESC, LoRA). Default true.
+        **kwargs: everything ``lightning.pytorch.strategies.FSDPStrategy`` accepts.
+    """
+
+    def __init__(self, *args: Any, use_orig_params: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, use_orig_params=use_orig_params, **kwargs)
 
     def _setup_model(self, model: nn.Module) -> Any:
         if "auto_wrap_policy" not in self.kwargs:

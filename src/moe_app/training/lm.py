@@ -73,13 +73,6 @@ class ModelSource:
     about a third more compute). Uses the HF model's non-reentrant gradient checkpointing."""
 
     def __post_init__(self) -> None:
-        if self.pretrained is None and self.arch is None:
-            raise ConfigError(
-                "the model has no source: neither model.pretrained nor model.arch is set.",
-                where="model",
-                fix="set --model.init_args.source.pretrained DIR_OR_HUB_ID, or give an inline arch "
-                "(see configs/tiny/dense.yaml)",
-            )
         if self.dtype not in _DTYPES:
             raise ConfigError(
                 f"unknown dtype {self.dtype!r}.",
@@ -168,6 +161,13 @@ class CausalLMModule(L.LightningModule):
 
     def load_base_model(self) -> torch.nn.Module:
         src = self.source
+        if src.pretrained is None and src.arch is None:
+            raise ConfigError(
+                "the model has no source: neither source.pretrained nor source.arch is set.",
+                where="model.init_args.source",
+                fix="set --model.init_args.source.pretrained DIR_OR_HUB_ID, or give an inline arch "
+                "(see configs/tiny/dense.yaml)",
+            )
         if src.pretrained is not None:
             from moe_app import load_model
 

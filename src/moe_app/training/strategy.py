@@ -34,7 +34,7 @@ def check_strategy(trainer_cfg: Any) -> None:
     get = trainer_cfg.get if hasattr(trainer_cfg, "get") else (lambda k, d=None: getattr(trainer_cfg, k, d))
     name = _name(get("strategy", None)).lower()
     accelerator = str(get("accelerator", "auto") or "auto").lower()
-    if not any(name.startswith(g) for g in GPU_ONLY):
+    if not any(g in name for g in GPU_ONLY):
         return
     import torch
 
