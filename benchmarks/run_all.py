@@ -47,7 +47,9 @@ def machine() -> dict[str, str]:
 
 
 def scripts(only: list[str] | None) -> list[Path]:
-    found = sorted(p for p in HERE.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_"))
+    found = sorted(
+        p for p in HERE.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_")
+    )
     if only:
         found = [p for p in found if p.stem in only]
     return found
@@ -57,7 +59,11 @@ def flatten(prefix: str, value, out: list[tuple[str, str]]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    elif isinstance(value, (list, tuple)) and len(value) <= 8 and all(not isinstance(v, (dict, list)) for v in value):
+    elif (
+        isinstance(value, (list, tuple))
+        and len(value) <= 8
+        and all(not isinstance(v, (dict, list)) for v in value)
+    ):
         out.append((prefix, ", ".join(_fmt(v) for v in value)))
     elif not isinstance(value, (list, tuple)):
         out.append((prefix, _fmt(value)))
@@ -84,11 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {script.stem}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=HERE.parent)
-        entry = {"exit_code": proc.returncode, "seconds": round(time.time() - t0, 1), "command": " ".join(cmd[1:])}
+        entry = {
+            "exit_code": proc.returncode,
+            "seconds": round(time.time() - t0, 1),
+            "command": " ".join(cmd[1:]),
+        }
         if proc.returncode == 0 and js.exists():
             entry["result"] = json.loads(js.read_text())
         results[script.stem] = entry
-    payload = {"machine": machine(), "quick": args.quick, "time": time.strftime("%Y-%m-%d %H:%M"), "benchmarks": results}
+    payload = {
+        "machine": machine(),
+        "quick": args.quick,
+        "time": time.strftime("%Y-%m-%d %H:%M"),
+        "benchmarks": results,
+    }
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
     lines = [
         f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores, torch {payload['machine']['torch']} "
@@ -97,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     for name, entry in results.items():
-        lines.append(f"### {name}  (`python benchmarks/{entry['command']}`, exit {entry['exit_code']}, {entry['seconds']} s)")
+        lines.append(
+            f"### {name}  (`python benchmarks/{entry['command']}`, exit {entry['exit_code']}, {entry['seconds']} s)"
+        )
         lines.append("")
         rows: list[tuple[str, str]] = []
         flatten("", entry.get("result", {}), rows)

@@ -52,7 +52,9 @@ TEST_ARGS = ["--data.init_args.max_eval_examples_per_source", "50", "--trainer.e
 QUIET = ["--trainer.enable_progress_bar", "false"]
 
 
-def train_and_test(name: str, label: str, config: str, root: str, *, fit_args=(), test_args=(), needs=()) -> Stage:
+def train_and_test(
+    name: str, label: str, config: str, root: str, *, fit_args=(), test_args=(), needs=()
+) -> Stage:
     """A stage that fits ``config`` into ``root`` and tests the result (restored from last.ckpt)."""
     common = ["-c", config, "--trainer.default_root_dir", root]
     return Stage(

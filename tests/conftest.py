@@ -55,8 +55,13 @@ def tiny_qwen2_dir(tmp_path: Path) -> Path:
     from transformers import Qwen2Config
 
     cfg = Qwen2Config(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
         tie_word_embeddings=False,
     )
     return save_tiny_model(cfg, tmp_path / "tiny-qwen2")
@@ -67,8 +72,13 @@ def tiny_mistral_dir(tmp_path: Path) -> Path:
     from transformers import MistralConfig
 
     cfg = MistralConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
         tie_word_embeddings=False,
     )
     return save_tiny_model(cfg, tmp_path / "tiny-mistral")
