@@ -252,6 +252,8 @@ def _find_user_error(exc: BaseException) -> BaseException | None:
             return cur
         if isinstance(cur, FileNotFoundError):
             return cur
+        if type(cur).__name__ == "MisconfigurationException":  # Lightning's "bad Trainer argument"
+            return cur
         cur = cur.__cause__ or cur.__context__
     return None
 

@@ -73,6 +73,20 @@ class ModelSource:
     about a third more compute). Uses the HF model's non-reentrant gradient checkpointing."""
 
     def __post_init__(self) -> None:
+        p = self.pretrained
+        # A hub id is "org/name"; anything that looks like a filesystem path must exist, checked
+        # here so a typo fails before data is tokenised.
+        if (
+            p is not None
+            and (p.startswith((".", "/", "~")) or p.count("/") != 1)
+            and not Path(p).expanduser().exists()
+        ):
+            raise ConfigError(
+                f"source.pretrained={p!r} does not exist.",
+                where="model.init_args.source.pretrained",
+                fix="point it at a model directory (e.g. runs/tiny-dense/model from `moe-app fit -c "
+                "configs/tiny/dense.yaml`) or a hub id like Qwen/Qwen2.5-0.5B",
+            )
         if self.dtype not in _DTYPES:
             raise ConfigError(
                 f"unknown dtype {self.dtype!r}.",
