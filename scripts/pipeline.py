@@ -47,8 +47,16 @@ class Stage:
     needs: list[str] = field(default_factory=list)
 
 
-# Evaluation settings shared by every stage's `moe-app test` (the suite's test split, 50 per domain).
-TEST_ARGS = ["--data.init_args.max_eval_examples_per_source", "50", "--trainer.enable_progress_bar", "false"]
+# Evaluation settings shared by every stage's `moe-app test`: 30 test examples per domain, answers
+# of at most 16 generated tokens (the suite's longest answer is a sorted list of 6 numbers).
+TEST_ARGS = [
+    "--data.init_args.max_eval_examples_per_source",
+    "30",
+    "--model.init_args.generation.max_new_tokens",
+    "16",
+    "--trainer.enable_progress_bar",
+    "false",
+]
 QUIET = ["--trainer.enable_progress_bar", "false"]
 
 
@@ -71,9 +79,40 @@ def train_and_test(
     )
 
 
+ALL_DOMAINS = (
+    '[{"name": "arithmetic", "builtin": "arithmetic"}, {"name": "arithmetic_alt", "builtin": "arithmetic_alt"}, '
+    '{"name": "strings", "builtin": "strings"}, {"name": "sorting", "builtin": "sorting"}, '
+    '{"name": "lookup", "builtin": "lookup"}, {"name": "expressions", "builtin": "expressions"}]'
+)
+
+
+def offline_then_test(
+    name: str, label: str, offline: list[str], out: str, test_config: str, root: str, test_args=(), needs=()
+) -> Stage:
+    """An offline command (prune/export) writing ``out``, then ``moe-app test`` on ``out``."""
+    return Stage(
+        name=name,
+        label=label,
+        commands=[
+            offline,
+            ["test", "-c", test_config, "--trainer.default_root_dir", root, *TEST_ARGS, *test_args],
+        ],
+        outputs=[out, f"{root}/test_results.json"],
+        results=f"{root}/test_results.json",
+        needs=list(needs),
+    )
+
+
 def stages(runs: str) -> list[Stage]:
     r = runs
     dense = f"{r}/tiny-dense/model"
+    upcycled = f"{r}/tiny-upcycle/model"
+    post1 = f"{r}/tiny-post1/model"
+    post2 = f"{r}/tiny-post2/model"
+    pruned = f"{r}/tiny-pruned/model"
+    skipping = f"{r}/tiny-skip/model"
+    export = f"{r}/tiny-export/mixtral"
+    every_domain = ["--data.init_args.sources", ALL_DOMAINS]
     return [
         train_and_test("dense", "dense", "configs/tiny/dense.yaml", f"{r}/tiny-dense"),
         train_and_test(
@@ -82,7 +121,7 @@ def stages(runs: str) -> list[Stage]:
             "configs/tiny/upcycle.yaml",
             f"{r}/tiny-upcycle",
             fit_args=["--model.init_args.source.pretrained", dense],
-            test_args=["--model.init_args.source.pretrained", dense],
+            test_args=["--model.init_args.source.pretrained", dense, *every_domain],
             needs=["dense"],
         ),
         train_and_test(
@@ -93,6 +132,65 @@ def stages(runs: str) -> list[Stage]:
             fit_args=["--model.init_args.source.pretrained", dense],
             test_args=["--model.init_args.source.pretrained", dense],
             needs=["dense"],
+        ),
+        train_and_test(
+            "post1",
+            "post-trained stage 1",
+            "configs/tiny/post_stage1.yaml",
+            f"{r}/tiny-post1",
+            fit_args=["--model.init_args.init_from", upcycled],
+            test_args=["--model.init_args.init_from", upcycled],
+            needs=["upcycle"],
+        ),
+        train_and_test(
+            "post2",
+            "post-trained stage 2",
+            "configs/tiny/post_stage2.yaml",
+            f"{r}/tiny-post2",
+            fit_args=["--model.init_args.init_from", post1],
+            test_args=["--model.init_args.init_from", post1, *every_domain],
+            needs=["post1"],
+        ),
+        offline_then_test(
+            "prune",
+            "pruned to 6 experts (enumeration)",
+            [
+                "prune",
+                "--ckpt",
+                post2,
+                "--out",
+                pruned,
+                "--keep",
+                "6",
+                "--method",
+                "enumerate",
+                "--overwrite",
+            ],
+            pruned,
+            "configs/tiny/post_stage2.yaml",
+            f"{r}/tiny-pruned",
+            test_args=["--model.init_args.init_from", pruned, *every_domain],
+            needs=["post2"],
+        ),
+        offline_then_test(
+            "skip",
+            "pruned + dynamic skipping",
+            ["prune", "--ckpt", pruned, "--out", skipping, "--skipping", "--overwrite"],
+            skipping,
+            "configs/tiny/post_stage2.yaml",
+            f"{r}/tiny-skip",
+            test_args=["--model.init_args.init_from", skipping, *every_domain],
+            needs=["prune"],
+        ),
+        offline_then_test(
+            "export",
+            "exported Mixtral (stock transformers)",
+            ["export", "--ckpt", pruned, "--out", export, "--format", "mixtral", "--overwrite"],
+            export,
+            "configs/tiny/dense.yaml",
+            f"{r}/tiny-export",
+            test_args=["--model.init_args.source.pretrained", export],
+            needs=["prune"],
         ),
     ]
 

@@ -82,3 +82,24 @@ def tiny_mistral_dir(tmp_path: Path) -> Path:
         tie_word_embeddings=False,
     )
     return save_tiny_model(cfg, tmp_path / "tiny-mistral")
+
+
+@pytest.fixture(scope="session")
+def suite_dense_dir(tmp_path_factory) -> Path:
+    """A tiny dense LLaMA sized for the built-in suite tokenizer, saved with it (session-wide)."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_app.data.tokenizer import suite_tokenizer
+
+    tok = suite_tokenizer()
+    out = tmp_path_factory.mktemp("suite-dense") / "model"
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(
+        vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

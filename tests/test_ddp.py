@@ -27,24 +27,8 @@ SMALL_DATA = [
 
 
 @pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory) -> Path:
-    from tests.conftest import tiny_llama_config
-    from transformers import AutoModelForCausalLM
-
-    from moe_app.data.tokenizer import suite_tokenizer
-
-    tok = suite_tokenizer()
-    out = tmp_path_factory.mktemp("ddp") / "dense"
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def dense_dir(suite_dense_dir: Path) -> Path:
+    return suite_dense_dir
 
 
 def _fit_ddp(config: str, root: Path, dense: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -250,14 +250,14 @@ def build_pesc(model: nn.Module, cfg: PescConfig) -> nn.Module:
     if cfg.quantize_4bit:
         quantize_base_4bit(model, compute_dtype=cfg.quant_compute_dtype)
     if cfg.peft_lora.enabled:
-        _inject_peft_lora(model, cfg.peft_lora)
+        inject_peft_lora(model, cfg.peft_lora)
     trainable = mark_pesc_trainable(model)
     model.pesc_config = cfg
     log.info("PESC (%s): %d layers, %d trainable tensors", cfg.variant, len(chosen), len(trainable))
     return model
 
 
-def _inject_peft_lora(model: nn.Module, opts: PeftLoraOptions) -> None:
+def inject_peft_lora(model: nn.Module, opts: PeftLoraOptions) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     lora_cfg = LoraConfig(

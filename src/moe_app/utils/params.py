@@ -48,12 +48,26 @@ def count_parameters(model: nn.Module) -> ParamCounts:
     trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     inactive = 0
     for module in model.modules():
-        router = getattr(module, "router", None)
-        experts = getattr(module, "experts", None)
-        if router is None or experts is None or not hasattr(router, "top_k"):
+        shape = _routed_shape(module)
+        if shape is None:
             continue
-        n_exp = int(router.num_experts)
-        k = int(router.top_k)
-        expert_params = sum(_numel(p) for p in experts.parameters())
+        n_exp, k = shape
+        expert_params = sum(_numel(p) for p in module.experts.parameters())
         inactive += expert_params * (n_exp - k) // max(n_exp, 1)
     return ParamCounts(total=total, trainable=trainable, active=total - inactive)
+
+
+def _routed_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(E, k)`` of a routed-experts block: moe-app blocks (``.router``) or stock HF MoE blocks
+    (Mixtral / Qwen-MoE / OLMoE: ``.gate`` with an ``(E, d)`` weight and ``top_k`` on the block)."""
+    if getattr(module, "experts", None) is None:
+        return None
+    router = getattr(module, "router", None)
+    if router is not None and hasattr(router, "top_k"):
+        return int(router.num_experts), int(router.top_k)
+    gate = getattr(module, "gate", None)
+    weight = getattr(gate, "weight", None)
+    top_k = getattr(module, "top_k", None) or getattr(gate, "top_k", None)
+    if weight is not None and weight.ndim == 2 and top_k is not None:
+        return int(weight.shape[0]), int(top_k)
+    return None

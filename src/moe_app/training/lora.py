@@ -1,0 +1,61 @@
+"""Dense LoRA fine-tuning: the baseline PESC is measured against (issue: PESC vs dense LoRA).
+
+Same base, same data, a LoRA rank chosen for a trainable-parameter budget similar to PESC's
+adapters + routers (QLoRA, Dettmers et al. 2023; LoRA, Hu et al. 2021). LoRA is injected with peft
+in place, so the model stays a ``PreTrainedModel``; at the end of fit it is merged exactly into the
+base weights and saved as an ordinary HF directory.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from moe_app.training.lm import CausalLMModule, GenerationConfig, ModelSource
+from moe_app.training.optim import OptimConfig
+from moe_app.upcycling.pesc import PeftLoraOptions, inject_peft_lora, merge_peft_lora
+
+
+class LoraModule(CausalLMModule):
+    """Fine-tune a dense causal LM with LoRA adapters only.
+
+    Args:
+        source: the dense base model.
+        lora: rank, alpha, dropout and target modules (``enabled`` is implied).
+    """
+
+    def __init__(
+        self,
+        source: ModelSource,
+        lora: PeftLoraOptions | None = None,
+        optim: OptimConfig | None = None,
+        generation: GenerationConfig | None = None,
+        save_dir: str | None = "model",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(source=source, optim=optim, generation=generation, save_dir=save_dir, seed=seed)
+        self.lora = lora or PeftLoraOptions(enabled=True)
+        self.hparams["lora"] = asdict(self.lora)
+
+    def build_model(self) -> torch.nn.Module:
+        model = self.load_base_model()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            inject_peft_lora(model, self.lora)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        return model
+
+    def save_model_dir(self, path: Path) -> None:
+        from moe_app.io.pretrained import save_pretrained_dir
+
+        merged = merge_peft_lora(copy.deepcopy(self.model))  # the training model keeps its adapters
+        save_pretrained_dir(merged, path, tokenizer=self.tokenizer, lineage=self.lineage())
+
+    def lineage_entry(self):
+        entry = super().lineage_entry()
+        entry["stage"] = "lora"
+        return entry

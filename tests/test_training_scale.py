@@ -1,0 +1,79 @@
+"""Scale options that run on CPU: activation checkpointing, bf16 autocast, gradient accumulation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from moe_app.training.lm import ModelSource
+from moe_app.training.moe import MoeLMModule
+from moe_app.upcycling.config import UpcycleConfig
+
+
+def _module(dense: Path, checkpointing: bool) -> MoeLMModule:
+    module = MoeLMModule(
+        source=ModelSource(pretrained=str(dense), activation_checkpointing=checkpointing),
+        upcycle=UpcycleConfig(method="copy", num_experts=4, top_k=2, seed=0),
+    )
+    module.configure_model()
+    return module
+
+
+def _grads(
+    module: MoeLMModule, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    lm, extras = module._step(batch)  # the training loss without Lightning's logging
+    loss = lm + sum(extras.values())
+    loss.backward()
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None
+    }
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(suite_dense_dir: Path):
+    torch.manual_seed(0)
+    ids = torch.randint(3, 600, (2, 24))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    plain = _module(suite_dense_dir, checkpointing=False)
+    ckpt = _module(suite_dense_dir, checkpointing=True)
+    ckpt.model.load_state_dict(plain.model.state_dict())
+    assert ckpt.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    loss_a, grads_a = _grads(plain, batch)
+    loss_b, grads_b = _grads(ckpt, batch)
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_bf16_mixed_and_gradient_accumulation_train_on_cpu(suite_dense_dir: Path, tmp_path: Path):
+    from moe_app.data.datamodule import InstructionDataModule
+    from moe_app.data.sources import SourceConfig
+
+    src = [SourceConfig(name="sorting", builtin="sorting", builtin_train_size=64, builtin_eval_size=4)]
+    module = MoeLMModule(
+        source=ModelSource(pretrained=str(suite_dense_dir)),
+        upcycle=UpcycleConfig(method="copy", num_experts=4, top_k=2),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=InstructionDataModule(sources=src, max_length=48, batch_size=4))
+    assert trainer.global_step == 3  # optimiser steps, each from 2 micro-batches
+    assert module.model.dtype == torch.float32  # mixed precision keeps fp32 master weights
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
