@@ -201,6 +201,8 @@ def is_complete(path: Path) -> bool:
         return False
     if path.is_file():
         return path.stat().st_size > 0
+    if (path / "pesc.json").exists():  # PESC adapter-only dir: adapters + routers on a named base
+        return (path / "pesc_adapters.safetensors").exists()
     if not (path / "config.json").exists():
         return False
     index = path / "model.safetensors.index.json"

@@ -137,3 +137,12 @@ def test_missing_config_file_exits_2(tmp_path: Path):
     res = moe_app("fit", "-c", str(tmp_path / "nope.yaml"))
     assert res.returncode == 2
     assert "nope.yaml" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_test_with_ckpt_path_last_but_no_checkpoint_exits_2(tmp_path: Path):
+    res = moe_app(
+        "test", "-c", DENSE, "--trainer.default_root_dir", str(tmp_path / "empty"), "--ckpt_path", "last"
+    )
+    assert res.returncode == 2
+    assert "no " in res.stderr and "last.ckpt" in res.stderr and "untrained model" in res.stderr
+    assert "Traceback" not in res.stderr

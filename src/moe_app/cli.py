@@ -110,6 +110,19 @@ def _cli_class():
             from moe_app.callbacks.reliability import default_trainer_plugins
 
             default_trainer_plugins(trainer)  # atomic checkpoint writes, weights_only loads
+            ckpt = cfg.get("ckpt_path")
+            if ckpt == "last" and self.subcommand in ("validate", "test", "predict"):
+                last = Path(cfg["checkpoint"]["dirpath"]) / "last.ckpt"
+                if not last.exists():
+                    from moe_app.errors import ConfigError
+
+                    raise ConfigError(
+                        f"--ckpt_path last: there is no {last} (no finished or interrupted fit in this run "
+                        "directory), so the untrained model would be evaluated.",
+                        where="ckpt_path",
+                        fix="run `moe-app fit` with the same config and --trainer.default_root_dir first, or pass "
+                        "--ckpt_path FILE / --model.init_args.source.pretrained MODEL_DIR",
+                    )
             if trainer.get("logger") in (None, True):
                 # Lightning's default (CSV without tensorboard) made explicit: no fallback notice.
                 from jsonargparse import Namespace
