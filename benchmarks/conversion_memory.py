@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--top_k", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--quick", action="store_true", help="a ~40 MB source instead of ~300 MB (smoke run)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--src", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -99,6 +101,8 @@ def main() -> None:
         child(args.child, args.src, args.out, args.experts, args.top_k, args.shard)
         return
 
+    if args.quick:
+        args.layers, args.hidden, args.ffn, args.vocab, args.shard = 2, 512, 2048, 4096, "12MB"
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moe-conv-bench-"))
     try:
         src = work / "dense"
@@ -132,6 +136,16 @@ def main() -> None:
             f"{s_foot / (largest_in + s['out_largest_mb']):.2f}x"
         )
         print(f"streaming conversion footprint / in-memory footprint: {s_foot / m_foot:.2f}x")
+        if args.json:
+            summary = {
+                "source_mb": total_in,
+                "largest_input_shard_mb": largest_in,
+                "streaming": s,
+                "in_memory": m,
+                "streaming_over_largest_in_plus_out": s_foot / (largest_in + s["out_largest_mb"]),
+                "streaming_over_in_memory": s_foot / m_foot,
+            }
+            Path(args.json).write_text(json.dumps(summary, indent=2))
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quality", action="store_true", help="per-domain accuracy: dynamic vs uniform vs size")
     p.add_argument("--quick", action="store_true", help="fewer repeats / steps (smoke run)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
     p.add_argument(
         "--model", type=Path, default=None, help="moe-app MoE checkpoint dir (default: fresh tiny MoE)"
     )
@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     if args.json:
-        print(json.dumps(result, indent=2))
-    elif args.quality:
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.quality:
         print(f"quality after {result['steps']} steps (update every {args.update_every}):")
         for s, r in result["results"].items():
             print(f"  {s:<8} mean accuracy {r['mean_accuracy']:.3f}")

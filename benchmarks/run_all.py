@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for script in scripts(args.only):
         js = out_dir / f"{script.stem}.json"
-        cmd = [sys.executable, str(script), "--json", str(js)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, str(script.relative_to(HERE.parent)), "--json", str(js)]
+        cmd += ["--quick"] if args.quick else []
         print(f"[bench] {script.stem}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=HERE.parent)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, entry in results.items():
         lines.append(
-            f"### {name}  (`python benchmarks/{entry['command']}`, exit {entry['exit_code']}, {entry['seconds']} s)"
+            f"### {name}  (`python {entry['command']}`, exit {entry['exit_code']}, {entry['seconds']} s)"
         )
         lines.append("")
         rows: list[tuple[str, str]] = []
