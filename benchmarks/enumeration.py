@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
+from _common import cpu_model
 from moe_app.pruning import (
     EnumerationConfig,
     ExpertPruneConfig,
@@ -47,17 +47,6 @@ from moe_app.pruning import (
 from moe_app.pruning.calibration import capture_block_io, normalize_batches, run_model
 from moe_app.pruning.enumerate import all_subsets
 from moe_app.pruning.views import clone_model
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build_model(args: argparse.Namespace):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from _common import cpu_model
 from moe_app.moe.block import SparseMoeBlock
 from moe_app.moe.experts import SwiGLUExperts
 from moe_app.moe.router import TopKRouter
@@ -44,17 +44,6 @@ class DenseSwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # (T, ffn) each
         return F.linear(F.silu(gate) * up, self.down)  # (T, d)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build(args: argparse.Namespace) -> dict[str, Callable[[], nn.Module]]:

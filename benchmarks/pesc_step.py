@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -42,18 +41,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from _common import cpu_model
 from moe_app.upcycling.pesc import QLORA_TARGETS, PescConfig, build_pesc
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def dense_model(args: argparse.Namespace, device: torch.device) -> nn.Module:

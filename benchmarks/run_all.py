@@ -27,16 +27,10 @@ HERE = Path(__file__).resolve().parent
 def machine() -> dict[str, str]:
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from _common import cpu_model
+
     info = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": str(os.cpu_count()),
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),
