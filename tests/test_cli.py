@@ -146,3 +146,22 @@ def test_test_with_ckpt_path_last_but_no_checkpoint_exits_2(tmp_path: Path):
     assert res.returncode == 2
     assert "no " in res.stderr and "last.ckpt" in res.stderr and "untrained model" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_save_dir_escaping_the_run_directory_is_refused_before_training(tmp_path: Path):
+    res = moe_app(
+        "fit",
+        "-c",
+        DENSE,
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.max_steps",
+        "2",
+        "--model.init_args.save_dir",
+        "../escaped",
+        *TINY,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "model.init_args.save_dir" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "escaped").exists()
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # refused before any step

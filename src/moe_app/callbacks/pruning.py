@@ -64,7 +64,7 @@ class _PruningCallback(L.Callback):
             raise ConfigError(f"unknown when={when!r}", where=type(self).__name__, fix=f"use one of {WHEN}")
         if calib_batches < 1 or eval_batches < 0:
             raise ConfigError("calib_batches must be >= 1 and eval_batches >= 0", where=type(self).__name__)
-        if not out_name or "/" in out_name:
+        if not out_name or "/" in out_name or "\\" in out_name or out_name in (".", ".."):
             raise ConfigError(
                 f"bad out_name {out_name!r}", where=type(self).__name__, fix="a plain directory name"
             )

@@ -399,6 +399,7 @@ class CausalLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ logging and saving
     def on_fit_start(self) -> None:
+        self.resolved_save_dir()  # a bad output path fails now, not after training
         counts = count_parameters(self.model)
         rank_zero_info(f"[moe-app] {type(self).__name__}: {counts.describe()}")
         self.param_counts = counts
@@ -427,12 +428,17 @@ class CausalLMModule(L.LightningModule):
         self.trainer.strategy.barrier("moe_app_saved")
 
     def resolved_save_dir(self) -> Path | None:
+        """``save_dir`` under ``trainer.default_root_dir``; a relative path may not escape it
+        (``../x`` or a symlink out is refused); an absolute path is the user's explicit choice."""
         if self.save_dir is None:
             return None
-        p = Path(self.save_dir)
-        if not p.is_absolute() and self.trainer is not None:
-            p = Path(self.trainer.default_root_dir) / p
-        return p
+        if self.trainer is None:
+            return Path(self.save_dir)
+        from moe_app.utils.paths import resolve_output_path
+
+        return resolve_output_path(
+            self.save_dir, self.trainer.default_root_dir, key="model.init_args.save_dir", allow_absolute=True
+        )
 
     def save_model_dir(self, path: Path) -> None:
         """Write the model and tokenizer as an HF-style directory (atomic)."""
