@@ -22,10 +22,19 @@ def _plt():
     return plt
 
 
-def latest_metrics_csv(run_root: Path) -> Path | None:
-    """The newest ``lightning_logs/version_*/metrics.csv`` under a run root."""
+def latest_metrics_csv(run_root: Path, key: str = "train/loss") -> Path | None:
+    """The newest ``lightning_logs/version_*/metrics.csv`` under a run root that logged ``key``.
+
+    A ``test`` run in the same root writes a newer version without training columns; it must not
+    hide the fit's curves.
+    """
     found = sorted(run_root.glob("lightning_logs/version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    for path in reversed(found):
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if key in header:
+            return path
+    return None
 
 
 def read_curve(metrics_csv: Path, key: str) -> tuple[list[int], list[float]]:
