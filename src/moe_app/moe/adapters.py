@@ -16,77 +16,25 @@ Dispatch (no Python loop over tokens): :func:`sort_by_expert` flattens the ``(T,
 assignments, drops skipped slots (``-1``), stably sorts them by expert and returns the permutation,
 the token of each sorted slot and the per-expert counts. :func:`grouped_linear` then applies one
 weight per expert to the contiguous sorted buffer, with ``F.grouped_mm`` where the shapes allow it
-and otherwise a loop over *experts* (never tokens) on slices of the buffer. It is the same
-machinery as :class:`moe_app.moe.experts.SwiGLUExperts` (whose dispatch is inlined in its
-``forward``), factored out here so that several projections per expert share one sort.
+and otherwise a loop over *experts* (never tokens) on slices of the buffer. The sort lives in
+:mod:`moe_app.moe.dispatch` and is shared with :class:`moe_app.moe.experts.SwiGLUExperts`; here
+several projections per expert reuse one sort.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_app.moe.dispatch import ExpertDispatch, sort_by_expert
 from moe_app.moe.experts import grouped_mm_supported
 
+__all__ = ["IMPLS", "BottleneckAdapters", "ExpertDispatch", "LoraExperts", "grouped_linear", "sort_by_expert"]
+
 IMPLS = ("auto", "grouped_mm", "loop")
-
-
-@dataclass
-class ExpertDispatch:
-    """The ``(token, slot)`` assignments of one routing decision, sorted by expert."""
-
-    order: Tensor  # (N,) int64: flat slot id (token * k + slot) of each sorted row
-    token_of: Tensor  # (N,) int64: token index of each sorted row
-    counts: Tensor  # (E,) int64: rows per expert, in expert order
-    num_experts: int
-    _counts_list: list[int] | None = field(default=None, repr=False)
-
-    @property
-    def num_rows(self) -> int:
-        return self.order.shape[0]
-
-    @property
-    def offsets(self) -> Tensor:
-        """Cumulative end offsets ``(E,)`` int32, as ``F.grouped_mm`` wants them."""
-        return self.counts.cumsum(0).to(torch.int32)
-
-    @property
-    def counts_list(self) -> list[int]:
-        """Counts as Python ints (one host sync, cached) for the per-expert loop."""
-        if self._counts_list is None:
-            self._counts_list = self.counts.tolist()
-        return self._counts_list
-
-    def gather(self, x: Tensor) -> Tensor:
-        """Rows of ``x`` ``(T, ...)`` in sorted-slot order ``(N, ...)``."""
-        return x.index_select(0, self.token_of)
-
-    def slot_weights(self, weights: Tensor) -> Tensor:
-        """Combine weights ``(T, k)`` in sorted-slot order ``(N,)``."""
-        return weights.reshape(-1).index_select(0, self.order)
-
-    def combine(self, ys: Tensor, weights: Tensor, num_tokens: int) -> Tensor:
-        """``out_t = sum_{rows r of t} w_r ys_r``: ``(N, d)`` -> ``(T, d)``."""
-        w = self.slot_weights(weights).to(ys.dtype)  # (N,)
-        out = ys.new_zeros(num_tokens, ys.shape[-1])  # (T, d)
-        return out.index_add(0, self.token_of, ys * w.unsqueeze(-1))
-
-
-def sort_by_expert(indices: Tensor, num_experts: int) -> ExpertDispatch:
-    """Sort the routing assignments ``indices`` ``(T, k)`` (``-1`` = skipped slot) by expert."""
-    k = indices.shape[-1]
-    flat = indices.reshape(-1)  # (T*k,)
-    # Stable sort keeps each expert's tokens in sequence order (deterministic sums); the -1 slots
-    # sort first and are cut off, so skipped experts cost nothing.
-    _, order = flat.sort(stable=True)  # (T*k,)
-    counts = torch.bincount(flat + 1, minlength=num_experts + 1)  # (E+1,)
-    n_skip = int(counts[0])
-    order = order[n_skip:]  # (N,)
-    return ExpertDispatch(order=order, token_of=order // k, counts=counts[1:], num_experts=num_experts)
 
 
 def grouped_linear(xs: Tensor, weight: Tensor, dispatch: ExpertDispatch, impl: str = "auto") -> Tensor:

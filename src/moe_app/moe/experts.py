@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_app.moe.dispatch import sort_by_expert
+
 IMPLS = ("auto", "grouped_mm", "loop")
 _FUSED_ACTS = ("silu", "swish")
 
@@ -205,20 +207,13 @@ class SwiGLUExperts(nn.Module):
 
         ``x (T, d)``, ``indices (T, k)`` int64, ``weights (T, k)`` -> ``(T, d)``.
         """
-        k = indices.shape[-1]
-        flat_idx = indices.reshape(-1)  # (T*k,)
-        # Stable sort keeps each expert's slots in token order, so sums are deterministic; the -1
-        # slots sort first and are cut off.
-        order = flat_idx.argsort(stable=True)  # (T*k,)
-        counts = torch.bincount(flat_idx + 1, minlength=self.num_experts + 1)  # (E+1,)
-        n_skip = int(counts[0])  # one host sync; free on CPU, and it sizes every buffer below
-        order = order[n_skip:]  # (N,) slot ids sorted by expert
-        token_of = order // k  # (N,)
-        w = weights.reshape(-1).index_select(0, order).to(x.dtype)  # (N,)
-        offs = counts[1:].cumsum(0).to(torch.int32)  # (E,) segment ends
-        seg = None if self.use_grouped_mm(x) else counts[1:].tolist()
-        if order.numel() == 0:
+        dispatch = sort_by_expert(indices, self.num_experts)
+        if dispatch.num_rows == 0:
             return x * 0.0  # keeps the graph connected to x; every slot was skipped
+        token_of = dispatch.token_of  # (N,)
+        w = dispatch.slot_weights(weights).to(x.dtype)  # (N,)
+        offs = dispatch.offsets  # (E,) segment ends
+        seg = None if self.use_grouped_mm(x) else dispatch.counts_list
         if torch.is_autocast_enabled(x.device.type) or self.act_name not in _FUSED_ACTS:
             return self._forward_autograd(x, w, token_of, offs, seg)  # autocast casts per op there
         dtype = self.gate_up_proj.dtype
