@@ -14,25 +14,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# The tiny decoder every test model starts from (any HF family's config accepts these fields).
+TINY_DECODER = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(config_cls, **overrides):
+    """``config_cls`` (LlamaConfig, Qwen2Config, ...) with the tiny decoder sizes and ``overrides``."""
+    return config_cls(**{**TINY_DECODER, **overrides})
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
-    kw = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kw.update(overrides)
-    return LlamaConfig(**kw)
+    defaults = dict(rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return tiny_config(LlamaConfig, **{**defaults, **overrides})
 
 
 def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
@@ -54,16 +58,7 @@ def tiny_llama_dir(tmp_path: Path) -> Path:
 def tiny_qwen2_dir(tmp_path: Path) -> Path:
     from transformers import Qwen2Config
 
-    cfg = Qwen2Config(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_config(Qwen2Config)
     return save_tiny_model(cfg, tmp_path / "tiny-qwen2")
 
 
@@ -71,16 +66,7 @@ def tiny_qwen2_dir(tmp_path: Path) -> Path:
 def tiny_mistral_dir(tmp_path: Path) -> Path:
     from transformers import MistralConfig
 
-    cfg = MistralConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_config(MistralConfig)
     return save_tiny_model(cfg, tmp_path / "tiny-mistral")
 
 

@@ -7,6 +7,8 @@ import copy
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import tiny_config
+
 
 def build(config, seed: int = 0):
     torch.manual_seed(seed)
@@ -32,33 +34,10 @@ def upcycled(dense, cfg, calibration=None):
 def qwen3_config(**kw):
     from transformers import Qwen3Config
 
-    base = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    base.update(kw)
-    return Qwen3Config(**base)
+    return tiny_config(Qwen3Config, **{"head_dim": 8, **kw})
 
 
 def qwen2_config(**kw):
     from transformers import Qwen2Config
 
-    base = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    base.update(kw)
-    return Qwen2Config(**base)
+    return tiny_config(Qwen2Config, **kw)
