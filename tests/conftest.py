@@ -89,3 +89,23 @@ def suite_dense_dir(tmp_path_factory) -> Path:
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def ddp_upcycle_run(suite_dense_dir: Path, tmp_path_factory) -> Path:
+    """The tiny upcycle recipe fitted by 2 CPU processes under DDP (the distributed reference)."""
+    from distributed_helpers import fit_two_processes
+
+    root = tmp_path_factory.mktemp("ddp-upcycle")
+    fit_two_processes("upcycle", "ddp", root, suite_dense_dir)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ddp_pesc_run(suite_dense_dir: Path, tmp_path_factory) -> Path:
+    """The tiny PESC recipe (frozen base + trainable experts) fitted by 2 CPU processes under DDP."""
+    from distributed_helpers import fit_two_processes
+
+    root = tmp_path_factory.mktemp("ddp-pesc")
+    fit_two_processes("pesc", "ddp", root, suite_dense_dir)
+    return root

@@ -1,4 +1,4 @@
-"""A callback the DDP tests add through the CLI: each rank records what it saw and what it holds."""
+"""A callback the distributed tests add through the CLI: each rank records what it saw and holds."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch
 
 
 class RankProbe(L.Callback):
-    """Writes ``<root>/probe_rank{r}.json``: hashes of the batches this rank drew and its final weights."""
+    """Writes ``<root>/probe_rank{r}.json``: hashes of the batches this rank drew, the sums of its
+    final trainable weights, and the fraction of all parameter elements this rank stores locally
+    (1.0 under DDP, about ``1 / world_size`` under FSDP)."""
 
     def __init__(self) -> None:
         self.batches: list[str] = []
@@ -21,11 +23,18 @@ class RankProbe(L.Callback):
         self.batches.append(hashlib.sha1(ids).hexdigest())
 
     def on_train_end(self, trainer, pl_module) -> None:
-        params = {
-            name: float(p.detach().double().sum())
-            for name, p in pl_module.model.named_parameters()
-            if p.requires_grad
-        }
+        from torch.distributed.tensor import DTensor
+
+        params, local, total = {}, 0, 0
+        for name, p in pl_module.model.named_parameters():
+            sharded = isinstance(p, DTensor)
+            local += p.to_local().numel() if sharded else p.numel()
+            total += p.numel()
+            if p.requires_grad:
+                full = p.full_tensor() if sharded else p  # a collective under FSDP: every rank runs it
+                params[name] = float(full.detach().double().sum())
         out = Path(trainer.default_root_dir) / f"probe_rank{trainer.global_rank}.json"
-        out.write_text(json.dumps({"rank": trainer.global_rank, "batches": self.batches, "params": params}))
+        record = {"rank": trainer.global_rank, "batches": self.batches, "params": params}
+        record["local_fraction"] = local / total
+        out.write_text(json.dumps(record))
         torch.distributed.barrier() if torch.distributed.is_initialized() else None

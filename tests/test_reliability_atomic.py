@@ -240,7 +240,20 @@ def test_lightning_trainer_uses_the_atomic_writer_from_the_cli_defaults():
     cfg = Namespace(plugins=None, strategy="auto")
     default_trainer_plugins(cfg)
     assert cfg.plugins[0].class_path.endswith("AtomicCheckpointIO")
-    for kept in (Namespace(plugins=["custom"], strategy="auto"), Namespace(plugins=None, strategy="fsdp")):
+    # moe-app's FSDP writes one full checkpoint on rank 0 through the CheckpointIO: atomic too
+    fsdp = Namespace(
+        plugins=None, strategy=Namespace(class_path="moe_app.training.fsdp.DecoderLayerFSDPStrategy")
+    )
+    default_trainer_plugins(fsdp)
+    assert fsdp.plugins[0].class_path.endswith("AtomicCheckpointIO")
+    lightning_fsdp1 = Namespace(
+        plugins=None, strategy=Namespace(class_path="lightning.pytorch.strategies.FSDPStrategy")
+    )
+    for kept in (
+        Namespace(plugins=["custom"], strategy="auto"),
+        lightning_fsdp1,
+        Namespace(plugins=None, strategy="deepspeed_stage_2"),
+    ):
         before = json.dumps(kept.plugins)
         default_trainer_plugins(kept)
         assert json.dumps(kept.plugins) == before

@@ -116,10 +116,22 @@ class _PruningCallback(L.Callback):
         return _take(loader, self.eval_batches) if loader else []
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, in_place: bool) -> None:
+        from moe_app.training.fsdp import DecoderLayerFSDPStrategy, unsharded_model
+
+        sharded = isinstance(trainer.strategy, DecoderLayerFSDPStrategy)
+        if sharded and in_place:
+            raise ConfigError(
+                f"{type(self).__name__}(when='test_start') prunes the evaluated model in place, which FSDP "
+                "holds sharded.",
+                where=type(self).__name__,
+                fix="prune at fit end (when: fit_end), or test the pruned directory with --trainer.strategy ddp",
+            )
+        full = unsharded_model(trainer, pl_module.model)  # every rank takes part in the gather
         if not trainer.is_global_zero:
             return
         job = self.job()
-        model = pl_module.model if in_place else clone_model(pl_module.model)
+        # The gathered FSDP replica is already a private copy; otherwise keep the training model intact.
+        model = full if in_place or sharded else clone_model(full)
         kind = model_kind(model)
         from moe_app.pruning.checkpoint import validate_job
 

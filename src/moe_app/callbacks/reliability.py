@@ -129,8 +129,17 @@ class NumericalGuard(L.Callback):
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
     ) -> None:
-        if self.check_loss and not bool(torch.isfinite(loss.detach()).all()):
-            self._stop(trainer, pl_module, kind="loss", value=_as_float(loss), where="the training loss")
+        if not self.check_loss:
+            return
+        bad = local_bad = not bool(torch.isfinite(loss.detach()).all())
+        if trainer.world_size > 1:
+            # One rank's batch can overflow alone; every rank must stop (and save) together, or the
+            # others would wait forever in the next collective.
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            where = "the training loss" + (" (on at least one rank)" if trainer.world_size > 1 else "")
+            value = _as_float(loss) if local_bad else None  # this rank's loss may be finite
+            self._stop(trainer, pl_module, kind="loss", value=value, where=where)
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -308,6 +317,12 @@ class GracefulStop(L.Callback):
         self._install()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.world_size > 1:
+            # A signal may reach one rank only (e.g. SIGINT to the launcher); all ranks must write
+            # the checkpoint together, so agree on it every step (one scalar all-reduce).
+            flag = torch.tensor(float(self._received or 0), device=pl_module.device)
+            agreed = int(trainer.strategy.reduce(flag, reduce_op="max"))
+            self._received = agreed or None
         if self._received is None:
             return
         signum = self._received
@@ -383,9 +398,9 @@ class TrainingRNG(L.Callback):
     program's. So dropout and router noise see the same numbers in an uninterrupted and a resumed
     run, whatever validation, sanity checks or data-loader start-up drew in between. A fresh run
     starts the stream from the global state at ``on_train_start`` (i.e. from ``seed_everything``).
-    Under data parallelism the checkpoint holds rank 0's stream (Lightning saves callback state
-    from rank 0), so other ranks resume with rank 0's stream: still deterministic, not bitwise
-    equal to the uninterrupted run there.
+    Under data parallelism every rank draws its own stream; Lightning writes callback state from
+    rank 0 only, so the checkpoint gathers all ranks' streams and each rank resumes its own (a
+    resume on a different number of processes falls back to rank 0's stream, with a warning).
     """
 
     def __init__(self) -> None:
@@ -421,12 +436,39 @@ class TrainingRNG(L.Callback):
         # Inside a step (a checkpoint written by a callback that runs before ours at batch end), the
         # live global state *is* the training stream.
         stream = _collect_rng() if self._outside is not None else self._stream
-        return {"stream": stream} if stream is not None else {}
+        if stream is None:
+            return {}
+        state: dict[str, Any] = {"stream": stream}
+        world = _world()
+        if world is not None:  # every rank saves a checkpoint together (Lightning's contract)
+            streams: list[Any] = [None] * world[1]
+            torch.distributed.all_gather_object(streams, stream)
+            state["rank_streams"] = streams
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         stream = state_dict.get("stream")
+        streams = state_dict.get("rank_streams")
+        world = _world()
+        if streams is not None and world is not None and len(streams) == world[1]:
+            stream = streams[world[0]]
+        elif streams is not None and len(streams) != (world[1] if world else 1):
+            log.warning(
+                "the checkpoint holds RNG streams for %d processes, this run has %d: every rank resumes rank "
+                "0's stream (deterministic, not identical to an uninterrupted run)",
+                len(streams),
+                world[1] if world else 1,
+            )
         if stream is not None:
             self._stream = stream
+
+
+def _world() -> tuple[int, int] | None:
+    """``(rank, world_size)`` of an initialised multi-process group, else ``None``."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
 
 
 # ================================================================================================
@@ -500,13 +542,17 @@ def default_trainer_plugins(trainer_cfg: Any) -> None:
 
     Called by the CLI before the Trainer is built; leaves configs with ``plugins`` set alone
     (e.g. a custom ``CheckpointIO`` or a precision plugin) and strategies that write sharded
-    checkpoint directories (DeepSpeed, FSDP) to their own writers.
+    checkpoint directories (DeepSpeed, Lightning's FSDP1) to their own writers.
     """
     if trainer_cfg is None or trainer_cfg.get("plugins") not in (None, []):
         return
     strategy = trainer_cfg.get("strategy")
-    name = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "") or ""
-    if any(s in str(name).lower() for s in ("deepspeed", "fsdp")):
+    name = str(strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "") or "")
+    from moe_app.training.strategy import FSDP_CLASS
+
+    # moe-app's FSDP writes full checkpoints on rank 0 through the CheckpointIO; Lightning's FSDP1
+    # and DeepSpeed write their own sharded directories.
+    if "deepspeed" in name.lower() or ("fsdp" in name.lower() and name != FSDP_CLASS):
         return
     from jsonargparse import Namespace
 

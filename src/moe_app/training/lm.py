@@ -421,9 +421,12 @@ class CausalLMModule(L.LightningModule):
         path = self.resolved_save_dir()
         if path is None:
             return
+        from moe_app.training.fsdp import unsharded_model
+
         self.trainer.strategy.barrier("moe_app_save")
+        full = unsharded_model(self.trainer, self.model)  # gathers shards under FSDP (all ranks)
         if self.trainer.is_global_zero:
-            self.save_model_dir(path)
+            self.save_model_dir(path, full)
             rank_zero_info(f"[moe-app] saved model to {path}")
         self.trainer.strategy.barrier("moe_app_saved")
 
@@ -440,11 +443,14 @@ class CausalLMModule(L.LightningModule):
             self.save_dir, self.trainer.default_root_dir, key="model.init_args.save_dir", allow_absolute=True
         )
 
-    def save_model_dir(self, path: Path) -> None:
-        """Write the model and tokenizer as an HF-style directory (atomic)."""
+    def save_model_dir(self, path: Path, model: torch.nn.Module | None = None) -> None:
+        """Write ``model`` (default: the training model) and the tokenizer as an HF-style directory
+        (atomic). Under FSDP, ``on_train_end`` passes the gathered full model."""
         from moe_app.io.pretrained import save_pretrained_dir
 
-        save_pretrained_dir(self.model, path, tokenizer=self.tokenizer, lineage=self.lineage())
+        save_pretrained_dir(
+            model if model is not None else self.model, path, tokenizer=self.tokenizer, lineage=self.lineage()
+        )
 
     def lineage(self) -> list[dict[str, Any]]:
         """The source model's lineage plus this stage's entry."""

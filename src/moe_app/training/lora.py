@@ -49,10 +49,11 @@ class LoraModule(CausalLMModule):
             p.requires_grad_("lora_" in name)
         return model
 
-    def save_model_dir(self, path: Path) -> None:
+    def save_model_dir(self, path: Path, model: torch.nn.Module | None = None) -> None:
         from moe_app.io.pretrained import save_pretrained_dir
 
-        merged = merge_peft_lora(copy.deepcopy(self.model))  # the training model keeps its adapters
+        # merge into a copy: the training model keeps its adapters
+        merged = merge_peft_lora(copy.deepcopy(model if model is not None else self.model))
         save_pretrained_dir(merged, path, tokenizer=self.tokenizer, lineage=self.lineage())
 
     def lineage_entry(self):

@@ -213,10 +213,12 @@ class MoeLMModule(CausalLMModule):
             entry["stage"] = "moe_train"
         return entry
 
-    def save_model_dir(self, path: Path) -> None:
+    def save_model_dir(self, path: Path, model: torch.nn.Module | None = None) -> None:
         from moe_app.io.checkpoint import save_moe_checkpoint
 
-        save_moe_checkpoint(self.model, path, tokenizer=self.tokenizer, lineage=self.lineage())
+        save_moe_checkpoint(
+            model if model is not None else self.model, path, tokenizer=self.tokenizer, lineage=self.lineage()
+        )
 
 
 def _layer_tag(name: str, i: int) -> str:

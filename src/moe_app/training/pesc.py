@@ -152,14 +152,15 @@ class PescModule(CausalLMModule):
                 fix="resume with the same PescConfig (model.init_args.pesc) the checkpoint was trained with",
             )
 
-    def save_model_dir(self, path: Path) -> None:
+    def save_model_dir(self, path: Path, model: torch.nn.Module | None = None) -> None:
+        model = model if model is not None else self.model
         if self.save_full:
             save_pesc_full(
-                self.model, path, cfg=self.pesc, tokenizer=self.tokenizer, source=self.source.pretrained
+                model, path, cfg=self.pesc, tokenizer=self.tokenizer, source=self.source.pretrained
             )
             return
         save_pesc_adapters(
-            self.model,
+            model,
             path,
             base_model=self._base_model_path(),
             cfg=self.pesc,

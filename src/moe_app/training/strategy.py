@@ -1,8 +1,15 @@
-"""Checks on the distributed strategy before anything heavy runs.
+"""Checks and names for the distributed strategy, before anything heavy runs.
 
-moe-app scales through Lightning's own engines (DDP, FSDP, DeepSpeed). FSDP and DeepSpeed need
-CUDA GPUs; on a CPU-only machine we refuse up front with the reason instead of letting a deep
-stack trace surface minutes later.
+moe-app scales through Lightning's own engines. What each ``--trainer.strategy`` means here:
+
+* ``ddp``: Lightning's DDP; CPU (gloo) or GPU.
+* ``fsdp``: moe-app's :class:`~moe_app.training.fsdp.DecoderLayerFSDPStrategy` (FSDP2 on
+  decoder layers, full HF checkpoints); CPU (gloo) or GPU. The bare name is rewritten to it, because
+  Lightning's own ``FSDPStrategy`` (FSDP1) refuses CPUs and would save rank 0's shard as the model.
+* ``deepspeed_stage_2``: Lightning's DeepSpeed ZeRO-2; CUDA only.
+* ``deepspeed_stage_3`` is refused: ZeRO-3 partitions parameters while ``configure_model`` loads
+  the pretrained weights, which transformers only supports with its own DeepSpeed integration, and
+  the partitioned model cannot be saved as a full directory. ``fsdp`` gives the same sharding.
 """
 
 from __future__ import annotations
@@ -11,7 +18,15 @@ from typing import Any
 
 from moe_app.errors import ConfigError
 
-GPU_ONLY = ("fsdp", "deepspeed")
+FSDP_CLASS = "moe_app.training.fsdp.DecoderLayerFSDPStrategy"
+GPU_ONLY = ("deepspeed",)
+
+
+def _class_path(strategy: Any) -> str | None:
+    class_path = getattr(strategy, "class_path", None)
+    if class_path is None and hasattr(strategy, "get") and not isinstance(strategy, str):
+        class_path = strategy.get("class_path")
+    return str(class_path) if class_path else None
 
 
 def _name(strategy: Any) -> str:
@@ -19,20 +34,49 @@ def _name(strategy: Any) -> str:
         return "auto"
     if isinstance(strategy, str):
         return strategy
-    class_path = getattr(strategy, "class_path", None) or (
-        strategy.get("class_path") if hasattr(strategy, "get") else None
-    )
+    class_path = _class_path(strategy)
     if class_path:
-        return str(class_path).rsplit(".", 1)[-1].lower().replace("strategy", "")
+        return class_path.rsplit(".", 1)[-1].lower().replace("strategy", "")
     return type(strategy).__name__.lower().replace("strategy", "")
 
 
+def _is_lightning_fsdp1(strategy: Any) -> bool:
+    if isinstance(strategy, str):
+        return False
+    class_path = _class_path(strategy) or ""
+    if class_path:
+        return class_path.rsplit(".", 1)[-1] == "FSDPStrategy" and class_path.startswith("lightning")
+    return type(strategy).__name__ == "FSDPStrategy"
+
+
 def check_strategy(trainer_cfg: Any) -> None:
-    """Raise ConfigError if the configured strategy cannot run on this machine."""
+    """Resolve ``fsdp`` to moe-app's FSDP and raise ConfigError for strategies that cannot run."""
     if trainer_cfg is None:
         return
     get = trainer_cfg.get if hasattr(trainer_cfg, "get") else (lambda k, d=None: getattr(trainer_cfg, k, d))
-    name = _name(get("strategy", None)).lower()
+    strategy = get("strategy", None)
+    if isinstance(strategy, str) and strategy.lower() in ("fsdp", "fsdp2"):
+        from jsonargparse import Namespace
+
+        trainer_cfg["strategy"] = Namespace(class_path=FSDP_CLASS, init_args=Namespace())
+        return
+    if _is_lightning_fsdp1(strategy):
+        raise ConfigError(
+            "Lightning's FSDPStrategy (FSDP1) is not supported: it needs CUDA and moe-app would save rank 0's "
+            "shard as the model directory.",
+            where="trainer.strategy",
+            fix="use --trainer.strategy fsdp (or -c configs/presets/fsdp.yaml): FSDP2 on decoder layers, full "
+            "checkpoints, CPU or GPU",
+        )
+    name = _name(strategy).lower()
+    if "deepspeed" in name and ("stage_3" in name or _zero_stage(strategy) == 3):
+        raise ConfigError(
+            "DeepSpeed ZeRO-3 is not supported: it partitions parameters while the pretrained weights load, "
+            "and the partitioned model cannot be written as a full model directory.",
+            where="trainer.strategy",
+            fix="use --trainer.strategy fsdp (the same parameter sharding; reshard_after_forward: true), or "
+            "deepspeed_stage_2 on GPUs",
+        )
     accelerator = str(get("accelerator", "auto") or "auto").lower()
     if not any(g in name for g in GPU_ONLY):
         return
@@ -47,6 +91,16 @@ def check_strategy(trainer_cfg: Any) -> None:
                 else "no CUDA GPU is visible on this machine."
             ),
             where="trainer.strategy",
-            fix="use --trainer.strategy ddp (works on CPU with --trainer.accelerator cpu --trainer.devices 2), "
-            "or run on a machine with GPUs",
+            fix="use --trainer.strategy ddp or fsdp (both run on CPU, e.g. --trainer.accelerator cpu "
+            "--trainer.devices 2), or run on a machine with GPUs",
         )
+
+
+def _zero_stage(strategy: Any) -> int | None:
+    init_args = getattr(strategy, "init_args", None)
+    if init_args is None and hasattr(strategy, "get") and not isinstance(strategy, str):
+        init_args = strategy.get("init_args")
+    if init_args is None:
+        return getattr(strategy, "stage", None) if not isinstance(strategy, str) else None
+    stage = init_args.get("stage") if hasattr(init_args, "get") else getattr(init_args, "stage", None)
+    return int(stage) if stage is not None else None
