@@ -47,6 +47,13 @@ RECIPES: dict[str, tuple[str, ...]] = {
         "--data.init_args.sources",
         '[{"name": "arithmetic", "builtin": "arithmetic", "builtin_train_size": 64, "builtin_eval_size": 4}]',
     ),
+    "lora": (
+        "configs/tiny/lora.yaml",
+        "--model.init_args.lora.rank",
+        "4",
+        "--data.init_args.sources",
+        '[{"name": "sorting", "builtin": "sorting", "builtin_train_size": 64, "builtin_eval_size": 4}]',
+    ),
 }
 
 
@@ -54,6 +61,37 @@ def fit_two_processes(
     recipe: str, strategy: str, root: Path, dense: Path, *extra: str
 ) -> subprocess.CompletedProcess:
     """``moe-app fit`` of a tiny recipe on 2 CPU processes; checkpoints every 2 steps are kept."""
+    return _two_processes(
+        "fit",
+        recipe,
+        strategy,
+        root,
+        dense,
+        "--trainer.max_steps",
+        str(STEPS),
+        "--trainer.limit_val_batches",
+        "0",
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--checkpoint.save_top_k",
+        "-1",
+        "--trainer.callbacks+=tests.ddp_probe.RankProbe",
+        *extra,
+    )
+
+
+def test_two_processes(recipe: str, strategy: str, root: Path, dense: Path, ckpt: Path) -> dict:
+    """``moe-app test`` of a fitted checkpoint on 2 CPU processes; returns ``test_results.json``."""
+    _two_processes("test", recipe, strategy, root, dense, "--ckpt_path", str(ckpt))
+    return json.loads((root / "test_results.json").read_text())
+
+
+test_two_processes.__test__ = False  # a helper, not a test
+
+
+def _two_processes(
+    command: str, recipe: str, strategy: str, root: Path, dense: Path, *extra: str
+) -> subprocess.CompletedProcess:
     config, *recipe_args = RECIPES[recipe]
     env = dict(os.environ)
     env.pop("MOE_APP_DEBUG", None)
@@ -61,7 +99,7 @@ def fit_two_processes(
         sys.executable,
         "-m",
         "moe_app",
-        "fit",
+        command,
         "-c",
         config,
         "--trainer.accelerator",
@@ -70,23 +108,14 @@ def fit_two_processes(
         "2",
         "--trainer.strategy",
         strategy,
-        "--trainer.max_steps",
-        str(STEPS),
-        "--trainer.limit_val_batches",
-        "0",
         "--trainer.deterministic",
         "false",
         "--trainer.enable_progress_bar",
         "false",
         "--trainer.default_root_dir",
         str(root),
-        "--checkpoint.every_n_train_steps",
-        "2",
-        "--checkpoint.save_top_k",
-        "-1",
         "--model.init_args.source.pretrained",
         str(dense),
-        "--trainer.callbacks+=tests.ddp_probe.RankProbe",
         *SMALL_DATA,
         *recipe_args,
         *extra,

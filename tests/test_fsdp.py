@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_helpers import check_ranks, fit_two_processes, load_safetensors, probes
+from distributed_helpers import check_ranks, fit_two_processes, load_safetensors, probes, test_two_processes
 
 FSDP = "fsdp"  # the bare name resolves to moe_app.training.fsdp.DecoderLayerFSDPStrategy
 
@@ -74,6 +74,23 @@ def test_fsdp_pruning_callback_prunes_the_gathered_model_like_ddp(
 
 
 @pytest.mark.slow
+def test_fsdp_test_command_generates_in_lockstep_and_reports_like_ddp(
+    fsdp_upcycle_run: Path, ddp_upcycle_run: Path, suite_dense_dir: Path, tmp_path: Path
+):
+    # Greedy answers end at different steps on the two ranks; with sharded weights every decoding
+    # step is a collective, so a rank that finished early must keep stepping (synced generation).
+    ckpt = "checkpoints/epoch=0-step=4.ckpt"
+    fsdp = test_two_processes("upcycle", FSDP, tmp_path / "fsdp", suite_dense_dir, fsdp_upcycle_run / ckpt)
+    ddp = test_two_processes("upcycle", "ddp", tmp_path / "ddp", suite_dense_dir, ddp_upcycle_run / ckpt)
+    rows = {r["domain"]: r for r in fsdp["rows"]}
+    assert rows.keys() == {r["domain"] for r in ddp["rows"]} and sum(r["n"] for r in fsdp["rows"]) >= 4
+    for ref in ddp["rows"]:
+        row = rows[ref["domain"]]
+        assert row["n"] == ref["n"] and row["accuracy"] == ref["accuracy"], ref["domain"]
+        assert row["loss"] == pytest.approx(ref["loss"], rel=1e-4), ref["domain"]
+
+
+@pytest.mark.slow
 def test_fsdp_resume_from_a_mid_run_checkpoint_is_bitwise(
     fsdp_upcycle_run: Path, suite_dense_dir: Path, tmp_path: Path
 ):
@@ -103,3 +120,20 @@ def test_fsdp_pesc_frozen_base_and_trainable_experts_match_ddp(
     params = dict(model.named_parameters())
     for name, value in saved.items():
         torch.testing.assert_close(params[name].detach(), value, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_lora_saves_the_merged_full_model_like_ddp(suite_dense_dir: Path, tmp_path: Path):
+    fsdp, ddp = tmp_path / "fsdp-lora", tmp_path / "ddp-lora"
+    fit_two_processes("lora", FSDP, fsdp, suite_dense_dir)
+    fit_two_processes("lora", "ddp", ddp, suite_dense_dir)
+    p0, p1 = probes(fsdp)
+    assert p0["params"] == p1["params"] and all("lora_" in n for n in p0["params"])
+    assert p0["local_fraction"] == pytest.approx(0.5, abs=0.02)
+    merged = load_safetensors(fsdp / "model")
+    assert not any("lora" in k for k in merged)  # an ordinary dense checkpoint
+    _assert_same_model(merged, load_safetensors(ddp / "model"))
+    start = load_safetensors(suite_dense_dir)
+    assert merged.keys() == start.keys()
+    moved = max((merged[k] - start[k]).abs().max().item() for k in merged)
+    assert moved > 1e-4  # the adapters were trained and merged in

@@ -77,3 +77,36 @@ def test_bf16_mixed_and_gradient_accumulation_train_on_cpu(suite_dense_dir: Path
     assert trainer.global_step == 3  # optimiser steps, each from 2 micro-batches
     assert module.model.dtype == torch.float32  # mixed precision keeps fp32 master weights
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
+
+
+@pytest.mark.slow
+def test_bf16_true_trains_bf16_weights_and_saves_them(suite_dense_dir: Path, tmp_path: Path):
+    from distributed_helpers import load_safetensors
+    from moe_app.data.datamodule import InstructionDataModule
+    from moe_app.data.sources import SourceConfig
+
+    src = [SourceConfig(name="sorting", builtin="sorting", builtin_train_size=64, builtin_eval_size=4)]
+    module = MoeLMModule(
+        source=ModelSource(pretrained=str(suite_dense_dir)),
+        upcycle=UpcycleConfig(method="copy", num_experts=4, top_k=2),
+        save_dir="model",
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        precision="bf16-true",
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=InstructionDataModule(sources=src, max_length=48, batch_size=4))
+    assert trainer.global_step == 3
+    assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
+    saved = load_safetensors(tmp_path / "model")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    router = "model.layers.0.mlp.router.weight"
+    torch.testing.assert_close(saved[router], dict(module.model.named_parameters())[router].detach())

@@ -374,9 +374,19 @@ class CausalLMModule(L.LightningModule):
             do_sample=False,
             pad_token_id=pad_id,
             eos_token_id=stop_token_ids(tok),
+            # Sharded weights are gathered collectively at every decoding step: a rank whose answers
+            # are finished keeps stepping until all ranks are, or the others would wait forever.
+            synced_gpus=self._sharded_across_ranks(),
         )
         self.model.train(was_training)
         return [extract_answer(tok, row) for row in gen[:, input_ids.shape[1] :].tolist()]
+
+    def _sharded_across_ranks(self) -> bool:
+        if self._trainer is None or self.trainer.world_size < 2:
+            return False
+        from moe_app.training.fsdp import DecoderLayerFSDPStrategy
+
+        return isinstance(self.trainer.strategy, DecoderLayerFSDPStrategy)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
         preds = self.generate_answers(batch["prompt_input_ids"], batch["prompt_attention_mask"])
