@@ -20,10 +20,12 @@ def test_bare_fsdp_resolves_to_moe_apps_fsdp2_strategy(name):
     assert cfg.strategy.class_path == FSDP_CLASS
 
 
-def test_lightnings_fsdp1_class_is_refused_with_the_reason():
-    cfg = Namespace(strategy=Namespace(class_path="lightning.pytorch.strategies.FSDPStrategy"))
+@pytest.mark.parametrize(
+    "strategy", [Namespace(class_path="lightning.pytorch.strategies.FSDPStrategy"), "fsdp_cpu_offload"]
+)
+def test_lightnings_fsdp1_is_refused_with_the_reason(strategy):
     with pytest.raises(ConfigError, match="FSDP1") as err:
-        check_strategy(cfg)
+        check_strategy(Namespace(strategy=strategy))
     assert "--trainer.strategy fsdp" in str(err.value)
 
 

@@ -41,8 +41,8 @@ def _name(strategy: Any) -> str:
 
 
 def _is_lightning_fsdp1(strategy: Any) -> bool:
-    if isinstance(strategy, str):
-        return False
+    if isinstance(strategy, str):  # Lightning's registered variants, e.g. fsdp_cpu_offload
+        return strategy.lower().startswith("fsdp")
     class_path = _class_path(strategy) or ""
     if class_path:
         return class_path.rsplit(".", 1)[-1] == "FSDPStrategy" and class_path.startswith("lightning")
