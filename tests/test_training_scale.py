@@ -50,30 +50,38 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(suite_dense_
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.slow
-def test_bf16_mixed_and_gradient_accumulation_train_on_cpu(suite_dense_dir: Path, tmp_path: Path):
+def _fit_upcycled(dense: Path, root: Path, precision: str, **trainer_kwargs) -> tuple[L.Trainer, MoeLMModule]:
+    """3 optimiser steps of a 4-expert copy-upcycled model on the sorting domain; the model
+    directory is written to ``root / "model"``."""
     from moe_app.data.datamodule import InstructionDataModule
     from moe_app.data.sources import SourceConfig
 
     src = [SourceConfig(name="sorting", builtin="sorting", builtin_train_size=64, builtin_eval_size=4)]
     module = MoeLMModule(
-        source=ModelSource(pretrained=str(suite_dense_dir)),
+        source=ModelSource(pretrained=str(dense)),
         upcycle=UpcycleConfig(method="copy", num_experts=4, top_k=2),
+        save_dir="model",
     )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=3,
-        precision="bf16-mixed",
-        accumulate_grad_batches=2,
-        default_root_dir=str(tmp_path),
+        precision=precision,
+        default_root_dir=str(root),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
+        **trainer_kwargs,
     )
     trainer.fit(module, datamodule=InstructionDataModule(sources=src, max_length=48, batch_size=4))
+    return trainer, module
+
+
+@pytest.mark.slow
+def test_bf16_mixed_and_gradient_accumulation_train_on_cpu(suite_dense_dir: Path, tmp_path: Path):
+    trainer, module = _fit_upcycled(suite_dense_dir, tmp_path, "bf16-mixed", accumulate_grad_batches=2)
     assert trainer.global_step == 3  # optimiser steps, each from 2 micro-batches
     assert module.model.dtype == torch.float32  # mixed precision keeps fp32 master weights
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
@@ -82,28 +90,8 @@ def test_bf16_mixed_and_gradient_accumulation_train_on_cpu(suite_dense_dir: Path
 @pytest.mark.slow
 def test_bf16_true_trains_bf16_weights_and_saves_them(suite_dense_dir: Path, tmp_path: Path):
     from distributed_helpers import load_safetensors
-    from moe_app.data.datamodule import InstructionDataModule
-    from moe_app.data.sources import SourceConfig
 
-    src = [SourceConfig(name="sorting", builtin="sorting", builtin_train_size=64, builtin_eval_size=4)]
-    module = MoeLMModule(
-        source=ModelSource(pretrained=str(suite_dense_dir)),
-        upcycle=UpcycleConfig(method="copy", num_experts=4, top_k=2),
-        save_dir="model",
-    )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=3,
-        precision="bf16-true",
-        default_root_dir=str(tmp_path),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=InstructionDataModule(sources=src, max_length=48, batch_size=4))
+    trainer, module = _fit_upcycled(suite_dense_dir, tmp_path, "bf16-true")
     assert trainer.global_step == 3
     assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
     saved = load_safetensors(tmp_path / "model")
