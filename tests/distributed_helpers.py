@@ -37,6 +37,9 @@ RECIPES: dict[str, tuple[str, ...]] = {
         # expert pruning at fit end: under FSDP it must run on the gathered model
         '--trainer.callbacks+={"class_path": "moe_app.callbacks.pruning.ExpertPruning", "init_args": {"keep": 2, '
         '"calib_batches": 2, "eval_batches": 0}}',
+        # a second pruning callback must get the trained model, not the first one's pruned copy
+        '--trainer.callbacks+={"class_path": "moe_app.callbacks.pruning.ExpertSkipping", "init_args": {'
+        '"calib_batches": 2, "eval_batches": 0}}',
         "--data.init_args.sources",
         '[{"name": "suite", "builtin": "all", "builtin_train_size": 64, "builtin_eval_size": 4}]',
     ),
@@ -80,9 +83,9 @@ def fit_two_processes(
     )
 
 
-def test_two_processes(recipe: str, strategy: str, root: Path, dense: Path, ckpt: Path) -> dict:
+def test_two_processes(recipe: str, strategy: str, root: Path, dense: Path, ckpt: Path, *extra: str) -> dict:
     """``moe-app test`` of a fitted checkpoint on 2 CPU processes; returns ``test_results.json``."""
-    _two_processes("test", recipe, strategy, root, dense, "--ckpt_path", str(ckpt))
+    _two_processes("test", recipe, strategy, root, dense, "--ckpt_path", str(ckpt), *extra)
     return json.loads((root / "test_results.json").read_text())
 
 

@@ -77,17 +77,39 @@ def test_fsdp_pruning_callback_prunes_the_gathered_model_like_ddp(
 def test_fsdp_test_command_generates_in_lockstep_and_reports_like_ddp(
     fsdp_upcycle_run: Path, ddp_upcycle_run: Path, suite_dense_dir: Path, tmp_path: Path
 ):
-    # Greedy answers end at different steps on the two ranks; with sharded weights every decoding
-    # step is a collective, so a rank that finished early must keep stepping (synced generation).
+    # With sharded weights every decoding step is a collective. Greedy answers end at different
+    # steps on the two ranks (synced generation keeps the finished rank stepping), and with one
+    # test row per batch, three plain-text rows then conversations, rank 0 holds a text row (no
+    # prompt) while rank 1 holds a conversation at the second step: rank 0 must generate too.
     ckpt = "checkpoints/epoch=0-step=4.ckpt"
-    fsdp = test_two_processes("upcycle", FSDP, tmp_path / "fsdp", suite_dense_dir, fsdp_upcycle_run / ckpt)
-    ddp = test_two_processes("upcycle", "ddp", tmp_path / "ddp", suite_dense_dir, ddp_upcycle_run / ckpt)
+    data = (
+        "--data.init_args.sources",
+        '[{"name": "pretrain", "builtin": "pretrain"}, {"name": "arithmetic", "builtin": "arithmetic"}]',
+        "--data.init_args.max_eval_examples_per_source",
+        "3",
+        "--data.init_args.eval_batch_size",
+        "1",
+    )
+    fsdp = test_two_processes(
+        "upcycle", FSDP, tmp_path / "fsdp", suite_dense_dir, fsdp_upcycle_run / ckpt, *data
+    )
+    ddp = test_two_processes(
+        "upcycle", "ddp", tmp_path / "ddp", suite_dense_dir, ddp_upcycle_run / ckpt, *data
+    )
     rows = {r["domain"]: r for r in fsdp["rows"]}
-    assert rows.keys() == {r["domain"] for r in ddp["rows"]} and sum(r["n"] for r in fsdp["rows"]) >= 4
+    assert rows.keys() == {r["domain"] for r in ddp["rows"]} == {"pretrain", "arithmetic", "ALL"}
     for ref in ddp["rows"]:
         row = rows[ref["domain"]]
         assert row["n"] == ref["n"] and row["accuracy"] == ref["accuracy"], ref["domain"]
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-4), ref["domain"]
+
+
+@pytest.mark.slow
+def test_fsdp_second_pruning_callback_gets_the_trained_model(fsdp_upcycle_run: Path, ddp_upcycle_run: Path):
+    skip_dir = fsdp_upcycle_run / "model_skip"
+    skipped = load_safetensors(skip_dir)
+    assert skipped["model.layers.0.mlp.experts.down_proj"].shape[0] == 4  # not the pruned copy
+    _assert_same_model(skipped, load_safetensors(ddp_upcycle_run / "model_skip"))
 
 
 @pytest.mark.slow
@@ -103,23 +125,62 @@ def test_fsdp_resume_from_a_mid_run_checkpoint_is_bitwise(
         assert torch.equal(full[name], resumed[name]), name
 
 
-@pytest.mark.slow
-def test_fsdp_pesc_frozen_base_and_trainable_experts_match_ddp(
-    ddp_pesc_run: Path, suite_dense_dir: Path, tmp_path: Path
-):
-    root = tmp_path / "fsdp-pesc"
+@pytest.fixture(scope="module")
+def fsdp_pesc_run(suite_dense_dir: Path, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fsdp-pesc")
     fit_two_processes("pesc", FSDP, root, suite_dense_dir)
-    saved = load_safetensors(root / "model")
-    check_ranks(root, saved)
-    assert all(p["local_fraction"] == pytest.approx(0.5, abs=0.02) for p in probes(root))
+    return root
+
+
+@pytest.mark.slow
+def test_fsdp_pesc_frozen_base_and_trainable_experts_match_ddp(fsdp_pesc_run: Path, ddp_pesc_run: Path):
+    saved = load_safetensors(fsdp_pesc_run / "model")
+    check_ranks(fsdp_pesc_run, saved)
+    assert all(p["local_fraction"] == pytest.approx(0.5, abs=0.02) for p in probes(fsdp_pesc_run))
     _assert_same_model(saved, load_safetensors(ddp_pesc_run / "model"))
     # the adapter directory loads onto the frozen base through the real loader
     from moe_app.upcycling.pesc import load_pesc_model
 
-    model = load_pesc_model(root / "model")
+    model = load_pesc_model(fsdp_pesc_run / "model")
     params = dict(model.named_parameters())
     for name, value in saved.items():
         torch.testing.assert_close(params[name].detach(), value, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_pesc_resume_from_the_adapter_only_checkpoint_is_bitwise(
+    fsdp_pesc_run: Path, suite_dense_dir: Path, tmp_path: Path
+):
+    # The .ckpt holds only the trainable tensors; the strategy loads them itself and the module
+    # still checks their names (a resume with another PescConfig is refused).
+    ckpt = fsdp_pesc_run / "checkpoints" / "epoch=0-step=2.ckpt"
+    fit_two_processes("pesc", FSDP, tmp_path / "resumed", suite_dense_dir, "--ckpt_path", str(ckpt))
+    full, resumed = (
+        load_safetensors(fsdp_pesc_run / "model"),
+        load_safetensors(tmp_path / "resumed" / "model"),
+    )
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+
+
+def test_pesc_checks_the_tensor_names_the_fsdp_loader_passes_on(suite_dense_dir: Path):
+    # Under FSDP the strategy loads the tensors itself and hands the module only their names
+    # (state_dict_keys): a checkpoint from another PescConfig is still refused.
+    from moe_app.errors import CheckpointError
+    from moe_app.training.lm import ModelSource
+    from moe_app.training.pesc import PescModule
+    from moe_app.upcycling.pesc import PescConfig, is_pesc_trainable
+
+    module = PescModule(
+        source=ModelSource(pretrained=str(suite_dense_dir)), pesc=PescConfig(num_experts=2, adapter_dim=4)
+    )
+    module.configure_model()
+    names = [n for n, _ in module.named_parameters() if is_pesc_trainable(n)]
+    module.on_load_checkpoint({"state_dict_keys": names})
+    with pytest.raises(CheckpointError, match=r"lacks 1 trainable PESC tensors"):
+        module.on_load_checkpoint({"state_dict_keys": names[1:]})
+    module.on_load_checkpoint({})  # a sharded checkpoint directory: its own loader checked it
 
 
 @pytest.mark.slow

@@ -21,7 +21,12 @@ def test_bare_fsdp_resolves_to_moe_apps_fsdp2_strategy(name):
 
 
 @pytest.mark.parametrize(
-    "strategy", [Namespace(class_path="lightning.pytorch.strategies.FSDPStrategy"), "fsdp_cpu_offload"]
+    "strategy",
+    [
+        Namespace(class_path="lightning.pytorch.strategies.FSDPStrategy"),
+        Namespace(class_path="pytorch_lightning.strategies.FSDPStrategy"),
+        "fsdp_cpu_offload",
+    ],
 )
 def test_lightnings_fsdp1_is_refused_with_the_reason(strategy):
     with pytest.raises(ConfigError, match="FSDP1") as err:
@@ -33,7 +38,12 @@ def test_lightnings_fsdp1_is_refused_with_the_reason(strategy):
     "strategy",
     [
         "deepspeed_stage_3",
+        "deepspeed_stage_3_offload",
         Namespace(class_path="lightning.pytorch.strategies.DeepSpeedStrategy", init_args=Namespace(stage=3)),
+        Namespace(
+            class_path="lightning.pytorch.strategies.DeepSpeedStrategy",
+            init_args=Namespace(config={"zero_optimization": {"stage": 3}}),
+        ),
     ],
 )
 def test_zero3_is_refused_pointing_at_fsdp(strategy):
@@ -51,6 +61,21 @@ def test_deepspeed_stage_2_needs_cuda():
 @pytest.mark.parametrize("strategy", ["ddp", "auto", None, Namespace(class_path=FSDP_CLASS)])
 def test_cpu_strategies_are_accepted(strategy):
     check_strategy({"strategy": strategy, "accelerator": "cpu"})
+
+
+def test_strategy_instances_and_attribute_configs_are_checked_too():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from moe_app.training.fsdp import DecoderLayerFSDPStrategy
+
+    with pytest.raises(ConfigError, match="FSDP1"):
+        check_strategy(SimpleNamespace(strategy=FSDPStrategy(), accelerator="gpu"))
+    check_strategy(SimpleNamespace(strategy=DecoderLayerFSDPStrategy(), accelerator="cpu"))
+    cfg = SimpleNamespace(strategy="fsdp", accelerator="cpu")  # attributes only, no item access
+    check_strategy(cfg)
+    assert cfg.strategy.class_path == FSDP_CLASS
 
 
 def test_decoder_layers_are_found_on_any_family(tiny_llama_dir, tiny_qwen2_dir):

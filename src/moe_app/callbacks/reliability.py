@@ -124,6 +124,7 @@ class NumericalGuard(L.Callback):
         self.check_gradients = check_gradients
         self.save_checkpoint = save_checkpoint
         self._saved: str | None = None
+        self._attempted = False
 
     # -- checks ------------------------------------------------------------------------------
     def on_before_backward(
@@ -168,7 +169,10 @@ class NumericalGuard(L.Callback):
     ) -> None:
         # A module may check its own loss first (CausalLMModule does) and raise before backward:
         # still leave the diagnostic checkpoint behind.
-        if self.save_checkpoint and self._saved is None and _is_nonfinite_error(exception):
+        # Saving is collective under several processes: only _stop (reached by every rank
+        # together) may save there; an exception raised on one rank cannot.
+        alone = trainer.world_size == 1
+        if self.save_checkpoint and alone and not self._attempted and _is_nonfinite_error(exception):
             self._save(trainer)
 
     # -- stopping ------------------------------------------------------------------------------
@@ -184,6 +188,7 @@ class NumericalGuard(L.Callback):
         raise NonFiniteError(what, step=step, value=value, stage=stage, kind=kind, checkpoint=saved)
 
     def _save(self, trainer: L.Trainer) -> str | None:
+        self._attempted = True  # one try: a failed save is not retried from on_exception
         path = checkpoint_dir(trainer) / f"nonfinite-step{int(trainer.global_step)}.ckpt"
         try:
             trainer.save_checkpoint(path)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from moe_app.errors import ConfigError
@@ -122,7 +123,6 @@ class DecoderLayerFSDPStrategy(ModelParallelStrategy):
         self.param_dtype = param_dtype
         self.reduce_dtype = reduce_dtype
         self._skeleton: nn.Module | None = None
-        self._gathered: tuple[int, nn.Module | None] | None = None
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
@@ -148,6 +148,11 @@ class DecoderLayerFSDPStrategy(ModelParallelStrategy):
             )
             kwargs = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": self.reshard_after_forward}
             classes = tuple(decoder_layer_classes(model))
+            if not classes:
+                rank_zero_warn(
+                    f"{type(model).__name__} has no decoder `layers` list: FSDP shards it as one unit, "
+                    "so every step gathers the whole model on each rank"
+                )
             for sub in model.modules():
                 if classes and isinstance(sub, classes):
                     fully_shard(sub, **kwargs)
@@ -155,37 +160,54 @@ class DecoderLayerFSDPStrategy(ModelParallelStrategy):
         super().setup(trainer)
 
     def unsharded_model(self) -> nn.Module | None:
-        """The trained model with full weights on rank 0 (``None`` on other ranks).
+        """A new plain module with the trained full weights on rank 0 (``None`` on other ranks).
 
-        A collective: every rank must call it. The result is cached per ``global_step`` so the
-        model directory and the pruning callbacks share one gather.
+        A collective: every rank must call it. Each call gathers again and returns a fresh
+        replica, so a caller may modify it (the pruning callbacks prune it in place).
         """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         module = self.lightning_module
-        step = int(module.trainer.global_step) if module is not None and module._trainer is not None else -1
-        if self._gathered is not None and self._gathered[0] == step:
-            return self._gathered[1]
         if self._skeleton is None:
             raise RuntimeError("unsharded_model() called before the strategy sharded the model")
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(module.model, options=options)  # full on rank 0, empty elsewhere
-        replica: nn.Module | None = None
-        if self.global_rank == 0:
-            replica = copy.deepcopy(self._skeleton)
-            replica.load_state_dict(state, strict=True, assign=True)
-            _tie(replica)
-            for name, buf in module.model.named_buffers():
-                owner, _, leaf = name.rpartition(".")
-                target = replica.get_submodule(owner) if owner else replica
-                target._buffers[leaf] = buf.detach().to("cpu", copy=True)
-            replica.to("cpu")
-        self._gathered = (step, replica)
-        return replica
+        if self.global_rank != 0:
+            return None
+        replica = copy.deepcopy(self._skeleton)
+        replica.load_state_dict(state, strict=True, assign=True)
+        _tie(replica)
+        for name, buf in module.model.named_buffers():
+            owner, _, leaf = name.rpartition(".")
+            target = replica.get_submodule(owner) if owner else replica
+            target._buffers[leaf] = buf.detach().to("cpu", copy=True)
+        return replica.to("cpu")
 
-    def teardown(self) -> None:
-        self._gathered = None
-        super().teardown()
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loader, held to moe-app's rules: ``weights_only`` loads only (no pickle).
+
+        The strategy loads the weights itself and drops ``state_dict`` from what the module's
+        ``on_load_checkpoint`` sees; the tensor names go along as ``state_dict_keys`` so modules
+        can still check what a partial checkpoint holds (PESC saves only trainable tensors).
+        """
+        if weights_only is False:
+            raise ConfigError(
+                "checkpoints are loaded with weights_only=True only",
+                where="weights_only",
+                fix="re-save the checkpoint without pickled objects",
+            )
+        from pathlib import Path
+
+        path = Path(self.broadcast(checkpoint_path))
+        keys: list[str] | None = None
+        if path.is_file():  # memory-mapped: only the index is read here
+            keys = list(
+                torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("state_dict", {})
+            )
+        checkpoint = super().load_checkpoint(path, weights_only=True)
+        if keys is not None:
+            checkpoint.setdefault("state_dict_keys", keys)
+        return checkpoint
 
 
 def unsharded_model(trainer: Any, model: nn.Module) -> nn.Module | None:

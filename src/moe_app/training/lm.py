@@ -249,19 +249,27 @@ class CausalLMModule(L.LightningModule):
         self.log("train/loss", lm_loss, prog_bar=True, batch_size=bs)
         for name, value in extras.items():
             self.log(f"train/{name}", value, batch_size=bs)
-        if not torch.isfinite(loss):
+        bad = not bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1 and not self._guard_handles_nonfinite():
+            # raise on every rank together, or the others would wait in the gradient all-reduce
+            bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+        if bad:
             self._on_non_finite(loss, batch_idx)
         return loss
+
+    def _guard_handles_nonfinite(self) -> bool:
+        return self._trainer is not None and any(
+            getattr(cb, "handles_nonfinite_loss", False) for cb in self._trainer.callbacks
+        )
 
     def _on_non_finite(self, loss: Tensor, batch_idx: int) -> None:
         from moe_app.errors import MoeAppError
 
-        if self._trainer is not None and any(
-            getattr(cb, "handles_nonfinite_loss", False) for cb in self._trainer.callbacks
-        ):
+        if self._guard_handles_nonfinite():
             return  # NumericalGuard stops the run before backward, after a diagnostic checkpoint
+        ranks = ", on at least one rank" if self._trainer is not None and self.trainer.world_size > 1 else ""
         raise MoeAppError(
-            f"non-finite training loss ({loss.item()}) at global step {self.global_step} (batch {batch_idx}) "
+            f"non-finite training loss ({loss.item()}{ranks}) at global step {self.global_step} (batch {batch_idx}) "
             f"in {type(self).__name__}.",
             fix="lower the learning rate, enable gradient clipping (--trainer.gradient_clip_val 1.0) or use bf16 "
             "instead of fp16",
@@ -302,12 +310,19 @@ class CausalLMModule(L.LightningModule):
         domains = batch.get("domain") or ["all"] * len(nll)
         correct: list[bool | None] = [None] * len(domains)
         rows = [i for i, p in enumerate(batch.get("prompt_ids", [])) if p]  # conversations, not plain text
-        if self.generation.enabled and rows:
+        generate = self.generation.enabled and bool(rows)
+        if self.generation.enabled and self._sharded_across_ranks():
+            # Generation is collective under FSDP: if any rank has prompts, every rank generates
+            # (one with only plain-text rows decodes a throw-away prompt and discards it).
+            generate = bool(self.trainer.strategy.reduce_boolean_decision(bool(rows), all=False))
+        if generate and rows:
             preds = self.generate_answers(
                 batch["prompt_input_ids"][rows], batch["prompt_attention_mask"][rows]
             )
             for i, pred in zip(rows, preds):
                 correct[i] = check_answer(domains[i], pred, batch["reference"][i])
+        elif generate:
+            self.generate_answers(batch["input_ids"][:1, :1], batch["attention_mask"][:1, :1])
         self._report.update(domains, nll, ntok, correct)
 
     def _accumulate_expert_load(self, attention_mask: Tensor) -> None:

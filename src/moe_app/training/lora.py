@@ -52,8 +52,9 @@ class LoraModule(CausalLMModule):
     def save_model_dir(self, path: Path, model: torch.nn.Module | None = None) -> None:
         from moe_app.io.pretrained import save_pretrained_dir
 
-        # merge into a copy: the training model keeps its adapters
-        merged = merge_peft_lora(copy.deepcopy(model if model is not None else self.model))
+        # merge into a copy: the training model keeps its adapters (an FSDP replica is already one)
+        model = model if model is not None else self.model
+        merged = merge_peft_lora(copy.deepcopy(model) if model is self.model else model)
         save_pretrained_dir(merged, path, tokenizer=self.tokenizer, lineage=self.lineage())
 
     def lineage_entry(self):

@@ -143,7 +143,11 @@ class PescModule(CausalLMModule):
         # strict_loading is off (the base is not in the .ckpt), so check the trainable part ourselves.
         if self.model is None:
             return
-        state = checkpoint.get("state_dict", {})
+        # Under FSDP the strategy has already loaded the tensors and passes only their names.
+        state = checkpoint["state_dict"] if "state_dict" in checkpoint else checkpoint.get("state_dict_keys")
+        if state is None:  # a sharded (directory) checkpoint: the strategy's loader checked it
+            return
+        state = set(state)
         missing = [n for n, _ in self.named_parameters() if is_pesc_trainable(n) and n not in state]
         if missing:
             raise CheckpointError(

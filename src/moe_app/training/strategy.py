@@ -43,10 +43,13 @@ def _name(strategy: Any) -> str:
 def _is_lightning_fsdp1(strategy: Any) -> bool:
     if isinstance(strategy, str):  # Lightning's registered variants, e.g. fsdp_cpu_offload
         return strategy.lower().startswith("fsdp")
-    class_path = _class_path(strategy) or ""
-    if class_path:
-        return class_path.rsplit(".", 1)[-1] == "FSDPStrategy" and class_path.startswith("lightning")
-    return type(strategy).__name__ == "FSDPStrategy"
+    class_path = _class_path(strategy)
+    if class_path is None:  # an instance (moe-app's strategy is a ModelParallelStrategy)
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return isinstance(strategy, FSDPStrategy)
+    # lightning.pytorch.strategies.FSDPStrategy, pytorch_lightning's, or a subclass named like it
+    return class_path != FSDP_CLASS and class_path.rsplit(".", 1)[-1] == "FSDPStrategy"
 
 
 def check_strategy(trainer_cfg: Any) -> None:
@@ -58,7 +61,11 @@ def check_strategy(trainer_cfg: Any) -> None:
     if isinstance(strategy, str) and strategy.lower() in ("fsdp", "fsdp2"):
         from jsonargparse import Namespace
 
-        trainer_cfg["strategy"] = Namespace(class_path=FSDP_CLASS, init_args=Namespace())
+        resolved = Namespace(class_path=FSDP_CLASS, init_args=Namespace())
+        if hasattr(trainer_cfg, "__setitem__"):
+            trainer_cfg["strategy"] = resolved
+        else:
+            trainer_cfg.strategy = resolved
         return
     if _is_lightning_fsdp1(strategy):
         raise ConfigError(
@@ -97,10 +104,25 @@ def check_strategy(trainer_cfg: Any) -> None:
 
 
 def _zero_stage(strategy: Any) -> int | None:
-    init_args = getattr(strategy, "init_args", None)
-    if init_args is None and hasattr(strategy, "get") and not isinstance(strategy, str):
-        init_args = strategy.get("init_args")
-    if init_args is None:
-        return getattr(strategy, "stage", None) if not isinstance(strategy, str) else None
-    stage = init_args.get("stage") if hasattr(init_args, "get") else getattr(init_args, "stage", None)
-    return int(stage) if stage is not None else None
+    """The ZeRO stage of a DeepSpeed strategy given as a Namespace/dict or an instance: its
+    ``stage`` argument, or ``zero_optimization.stage`` of its DeepSpeed config."""
+    if strategy is None or isinstance(strategy, str):
+        return None
+
+    def field(obj: Any, key: str) -> Any:
+        if obj is None:
+            return None
+        if hasattr(obj, "get") and not isinstance(obj, str):
+            return obj.get(key)
+        return getattr(obj, key, None)
+
+    init_args = field(strategy, "init_args")
+    source = init_args if init_args is not None else strategy
+    config = field(source, "config")
+    stage = field(field(config, "zero_optimization"), "stage")
+    if stage is None:
+        stage = field(source, "stage")
+    try:
+        return int(stage) if stage is not None else None
+    except (TypeError, ValueError):
+        return None
