@@ -198,3 +198,41 @@ def test_fsdp_lora_saves_the_merged_full_model_like_ddp(suite_dense_dir: Path, t
     assert merged.keys() == start.keys()
     moved = max((merged[k] - start[k]).abs().max().item() for k in merged)
     assert moved > 1e-4  # the adapters were trained and merged in
+
+
+@pytest.mark.slow
+def test_fsdp_gathers_a_tied_embedding_model_into_the_same_checkpoint_as_ddp(tmp_path: Path):
+    # The tiny dense recipe ties lm_head to the embeddings: the gathered replica must come back
+    # tied, and one-process FSDP must train what one-process DDP trains (both draw through
+    # Lightning's DistributedSampler, so the data order is the same).
+    import subprocess
+    import sys
+
+    from distributed_helpers import ROOT
+
+    def fit(strategy: str) -> Path:
+        root = tmp_path / strategy
+        cmd = [sys.executable, "-m", "moe_app", "fit", "-c", "configs/tiny/dense.yaml"]
+        cmd += [
+            "--trainer.strategy",
+            strategy,
+            "--trainer.max_steps",
+            "3",
+            "--trainer.limit_val_batches",
+            "0",
+        ]
+        cmd += ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
+        cmd += ["--data.init_args.batch_size", "4", "--data.init_args.max_length", "48"]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return root / "model"
+
+    sharded, plain = fit(FSDP), fit("ddp")
+    _assert_same_model(load_safetensors(sharded), load_safetensors(plain))
+    from moe_app import load_model
+
+    model = load_model(sharded)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    reference = load_model(plain)
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
