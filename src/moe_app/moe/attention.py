@@ -37,7 +37,8 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from moe_app.moe.router import RoutingOutput, TopKRouter
+from moe_app.moe.block import RoutedBlock
+from moe_app.moe.router import TopKRouter
 
 _MASKABLE_IMPLS = ("eager", "sdpa")
 
@@ -59,7 +60,7 @@ def _attention_fn(impl: str):
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, modeling_llama.eager_attention_forward)
 
 
-class AttentionMoe(nn.Module):
+class AttentionMoe(RoutedBlock):
     """Wrap an HF ``LlamaAttention`` / ``MistralAttention`` / ``Qwen2Attention`` as a GQA-group MoE.
 
     ``router.num_experts`` must equal the number of KV heads. The call signature and return value
@@ -69,32 +70,22 @@ class AttentionMoe(nn.Module):
     """
 
     def __init__(self, attention: nn.Module, router: TopKRouter, scale: float = 1.0) -> None:
-        super().__init__()
         config = attention.config
-        self.num_heads = config.num_attention_heads
-        self.num_groups = config.num_key_value_heads
-        if router.num_experts != self.num_groups:
+        groups = config.num_key_value_heads
+        if router.num_experts != groups:
             raise ValueError(
                 f"attention MoE has one expert per KV head: router has {router.num_experts} experts but "
-                f"the attention has {self.num_groups} KV heads; build TopKRouter(num_experts={self.num_groups})."
+                f"the attention has {groups} KV heads; build TopKRouter(num_experts={groups})."
             )
         if router.hidden_size != config.hidden_size:
             raise ValueError(
                 f"router hidden size {router.hidden_size} != model hidden size {config.hidden_size}."
             )
+        super().__init__(router, scale)
+        self.num_heads = config.num_attention_heads
+        self.num_groups = groups
         self.attention = attention
-        self.router = router
-        self.scale = float(scale)
         self.layer_idx = getattr(attention, "layer_idx", None)
-        self.last_routing: RoutingOutput | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return self.router.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.router.top_k
 
     def extra_repr(self) -> str:
         return f"groups={self.num_groups}, heads={self.num_heads}, scale={self.scale}"

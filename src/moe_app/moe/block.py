@@ -22,20 +22,14 @@ from torch import Tensor, nn
 from moe_app.moe.router import RoutingOutput, TopKRouter
 
 
-class SparseMoeBlock(nn.Module):
-    def __init__(
-        self,
-        router: TopKRouter,
-        experts: nn.Module,
-        shared_expert: nn.Module | None = None,
-        shared_gate: nn.Module | None = None,
-        scale: float = 1.0,
-    ) -> None:
+class RoutedBlock(nn.Module):
+    """What every moe-app MoE layer shares (FFN, PESC, attention experts): a router, a scale on the
+    routed output, and the routing of the last call in ``last_routing`` for the router losses and
+    the pruning statistics."""
+
+    def __init__(self, router: TopKRouter, scale: float = 1.0) -> None:
         super().__init__()
         self.router = router
-        self.experts = experts
-        self.shared_expert = shared_expert
-        self.shared_gate = shared_gate
         self.scale = float(scale)
         self.last_routing: RoutingOutput | None = None
 
@@ -49,6 +43,21 @@ class SparseMoeBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
+
+
+class SparseMoeBlock(RoutedBlock):
+    def __init__(
+        self,
+        router: TopKRouter,
+        experts: nn.Module,
+        shared_expert: nn.Module | None = None,
+        shared_gate: nn.Module | None = None,
+        scale: float = 1.0,
+    ) -> None:
+        super().__init__(router, scale)
+        self.experts = experts
+        self.shared_expert = shared_expert
+        self.shared_gate = shared_gate
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape

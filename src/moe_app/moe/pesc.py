@@ -36,31 +36,17 @@ from transformers.activations import ACT2FN
 
 from moe_app.errors import UnsupportedModelError
 from moe_app.moe.adapters import BottleneckAdapters, LoraExperts, sort_by_expert
-from moe_app.moe.block import SparseMoeBlock
+from moe_app.moe.block import RoutedBlock, SparseMoeBlock
 from moe_app.moe.experts import SwiGLUExperts
-from moe_app.moe.router import RoutingOutput, TopKRouter
+from moe_app.moe.router import TopKRouter
 
 
-class _SharedFfnBlock(nn.Module):
-    """Common plumbing: the router, the shared FFN, ``last_routing`` and the MoE properties."""
+class _SharedFfnBlock(RoutedBlock):
+    """A routed block around a frozen shared FFN (the dense layer's ``mlp``)."""
 
     def __init__(self, ffn: nn.Module, router: TopKRouter, scale: float) -> None:
-        super().__init__()
+        super().__init__(router, scale)
         self.ffn = ffn
-        self.router = router
-        self.scale = float(scale)
-        self.last_routing: RoutingOutput | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return self.router.num_experts
-
-    @property
-    def top_k(self) -> int:
-        return self.router.top_k
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale}"
 
 
 class PescMoeBlock(_SharedFfnBlock):
