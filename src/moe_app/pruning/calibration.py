@@ -179,11 +179,26 @@ def _as_tensor(out: Any) -> Tensor:
 
 
 @torch.no_grad()
-def run_model(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> None:
-    """Forward every batch (hooks do the recording); no cache, no loss."""
+def run_model(
+    model: nn.Module,
+    batches: Sequence[dict[str, Tensor]],
+    current: dict[str, Any] | None = None,
+    stop: type[Exception] | None = None,
+) -> None:
+    """Forward every batch (hooks do the recording); no cache, no loss.
+
+    ``current["mask"]`` holds the running batch's flattened attention mask ``(B*S,)`` on the
+    model's device, for hooks that keep non-padding tokens only. ``stop``: an exception a hook
+    raises to end a pass early once it has what it wants.
+    """
     dev = _device(model)
     for b in batches:
-        model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), use_cache=False)
+        if current is not None:
+            current["mask"] = b["attention_mask"].reshape(-1).bool().to(dev)
+        with contextlib.suppress(*((stop,) if stop else ())):
+            model(
+                input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), use_cache=False
+            )
 
 
 @torch.no_grad()
@@ -211,12 +226,7 @@ def capture_block_io(
 
     handles = [m.register_forward_hook(hook(k), with_kwargs=True) for k, m in modules.items()]
     try:
-        dev = _device(model)
-        for b in batches:
-            current["mask"] = b["attention_mask"].reshape(-1).bool().to(dev)
-            model(
-                input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), use_cache=False
-            )
+        run_model(model, batches, current)
     finally:
         for h in handles:
             h.remove()
@@ -242,15 +252,7 @@ def capture_block_inputs(
 
     handle = module.register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        dev = _device(model)
-        for b in batches:
-            current["mask"] = b["attention_mask"].reshape(-1).bool().to(dev)
-            with contextlib.suppress(_Stop):  # the hook ends the pass at the block
-                model(
-                    input_ids=b["input_ids"].to(dev),
-                    attention_mask=b["attention_mask"].to(dev),
-                    use_cache=False,
-                )
+        run_model(model, batches, current, stop=_Stop)  # the hook ends each pass at the block
     finally:
         handle.remove()
     return xs

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_app.errors import ConfigError, UnsupportedModelError
-from moe_app.pruning.calibration import normalize_batches
+from moe_app.pruning.calibration import normalize_batches, run_model
 from moe_app.pruning.views import moe_layer_views
 from moe_app.upcycling.layers import find_decoder_layers
 
@@ -65,12 +65,7 @@ def _score(model: nn.Module, batches: Sequence[Any], hooks) -> dict[int, float]:
     was_training = model.training
     model.eval()
     try:
-        dev = next(model.parameters()).device
-        for b in batches:
-            current["mask"] = b["attention_mask"].reshape(-1).bool().to(dev)
-            model(
-                input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), use_cache=False
-            )
+        run_model(model, batches, current)
     finally:
         for h in handles:
             h.remove()
