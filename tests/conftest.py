@@ -39,6 +39,15 @@ def tiny_llama_config(**overrides):
     return tiny_config(LlamaConfig, **{**defaults, **overrides})
 
 
+def suite_llama_config(**overrides):
+    """The tiny LLaMA sized for the built-in suite tokenizer: its vocabulary and special ids."""
+    from moe_app.data.tokenizer import suite_tokenizer
+
+    tok = suite_tokenizer()
+    ids = {key: getattr(tok, key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    return tiny_llama_config(**{"vocab_size": len(tok), **ids, **overrides})
+
+
 def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 
@@ -80,13 +89,7 @@ def suite_dense_dir(tmp_path_factory) -> Path:
     tok = suite_tokenizer()
     out = tmp_path_factory.mktemp("suite-dense") / "model"
     torch.manual_seed(0)
-    cfg = tiny_llama_config(
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    AutoModelForCausalLM.from_config(suite_llama_config()).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 

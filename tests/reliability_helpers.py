@@ -181,27 +181,15 @@ def ckpt_step(path: Path) -> int:
 
 def tiny_dense_dir(path: Path, seed: int = 0) -> Path:
     """A 2-layer hidden-32 LLaMA with the suite tokenizer, written like a dense fit's ``model`` dir."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
+    from conftest import suite_llama_config
     from moe_app.data.tokenizer import suite_tokenizer
     from moe_app.io.pretrained import save_pretrained_dir
 
     tok = suite_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(suite_llama_config(tie_word_embeddings=True))
     return save_pretrained_dir(model, path, tokenizer=tok)
 
 

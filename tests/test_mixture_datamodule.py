@@ -37,25 +37,14 @@ def _dm(sources=None, num_workers=0, **mixture):
 @pytest.fixture(scope="module")
 def tiny_moe():
     """A 2-layer LLaMA upcycled to 4 experts top-2 with a strong random router, suite vocabulary."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    from moe_app.data.tokenizer import suite_tokenizer
+    from conftest import suite_llama_config
     from moe_app.upcycling import upcycle
     from moe_app.upcycling.config import UpcycleConfig
 
-    tok = suite_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-    )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(suite_llama_config())
     return upcycle(model, UpcycleConfig(method="copy", num_experts=4, top_k=2, router_std=0.5))
 
 

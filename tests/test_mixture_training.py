@@ -29,27 +29,16 @@ SOURCES = [
 @pytest.fixture(scope="module")
 def tiny_moe_dir(tmp_path_factory) -> Path:
     """A moe-app checkpoint: 2-layer LLaMA (hidden 32) upcycled to 4 experts top-2, suite tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
+    from conftest import suite_llama_config
     from moe_app.data.tokenizer import suite_tokenizer
     from moe_app.io.checkpoint import save_moe_checkpoint
     from moe_app.upcycling import upcycle
     from moe_app.upcycling.config import UpcycleConfig
 
     tok = suite_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
+    cfg = suite_llama_config(tie_word_embeddings=True)
     torch.manual_seed(0)
     model = upcycle(
         AutoModelForCausalLM.from_config(cfg), UpcycleConfig(method="noise", num_experts=4, top_k=2)

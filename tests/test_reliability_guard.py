@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import TINY_DECODER
 from moe_app.callbacks.reliability import NonFiniteError, NumericalGuard
 from moe_app.errors import MoeAppError
 from moe_app.training.lm import CausalLMModule, ModelSource
@@ -66,14 +67,7 @@ class NaNLossAt(CausalLMModule):
 
 
 def module(cls=CausalLMModule, lr: float = 1e-3) -> CausalLMModule:
-    arch = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    arch = {k: v for k, v in TINY_DECODER.items() if k != "vocab_size"}  # the suite tokenizer sizes it
     return cls(
         source=ModelSource(tokenizer="builtin", arch=arch),
         optim=OptimConfig(lr=lr, warmup_steps=0, schedule="constant"),
