@@ -103,8 +103,7 @@ class AttentionMoe(RoutedBlock):
         G, H = self.num_groups, self.num_heads
         hd = attn.head_dim
 
-        routing = self.router(hidden_states.reshape(-1, d))
-        self.last_routing = routing
+        routing = self.route(hidden_states.reshape(-1, d))
         hit = routing.indices.unsqueeze(-1) == torch.arange(G, device=hidden_states.device)  # (T, k, G)
         member = hit.any(dim=1).view(B, S, G)  # (B, S, G) token routed to group
         gate = (routing.weights.unsqueeze(-1) * hit).sum(dim=1) * self.scale  # (T, G) float32

@@ -44,6 +44,11 @@ class RoutedBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
 
+    def route(self, x: Tensor) -> RoutingOutput:
+        """Route ``x`` ``(T, d)`` and keep the decision in ``last_routing``."""
+        self.last_routing = self.router(x)
+        return self.last_routing
+
 
 class SparseMoeBlock(RoutedBlock):
     def __init__(
@@ -62,8 +67,7 @@ class SparseMoeBlock(RoutedBlock):
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d)
-        routing = self.router(x)
-        self.last_routing = routing
+        routing = self.route(x)
         weights = (routing.weights * self.scale).to(x.dtype)  # (T, k)
         y = self.experts(x, routing.indices, weights)  # (T, d)
         if self.shared_expert is not None:

@@ -10,7 +10,8 @@ rows in token order, so the sums are deterministic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -24,23 +25,21 @@ class ExpertDispatch:
     token_of: Tensor  # (N,) int64: token index of each sorted row
     counts: Tensor  # (E,) int64: rows per expert, in expert order
     num_experts: int
-    _counts_list: list[int] | None = field(default=None, repr=False)
 
     @property
     def num_rows(self) -> int:
         return self.order.shape[0]
 
-    @property
+    @cached_property
     def offsets(self) -> Tensor:
-        """Cumulative end offsets ``(E,)`` int32, as ``F.grouped_mm`` wants them."""
+        """Cumulative end offsets ``(E,)`` int32, as ``F.grouped_mm`` wants them (computed once:
+        a LoRA-experts block runs six grouped matmuls on one dispatch)."""
         return self.counts.cumsum(0).to(torch.int32)
 
-    @property
+    @cached_property
     def counts_list(self) -> list[int]:
         """Counts as Python ints (one host sync, cached) for the per-expert loop."""
-        if self._counts_list is None:
-            self._counts_list = self.counts.tolist()
-        return self._counts_list
+        return self.counts.tolist()
 
     def gather(self, x: Tensor) -> Tensor:
         """Rows of ``x`` ``(T, ...)`` in sorted-slot order ``(N, ...)``."""

@@ -74,8 +74,7 @@ class PescMoeBlock(_SharedFfnBlock):
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d)
-        routing = self.router(x)
-        self.last_routing = routing
+        routing = self.route(x)
         f = self.ffn(x)  # (T, d): the shared FFN, once per token whatever k is
         delta = self.adapters(f, routing.indices, routing.weights.to(f.dtype))  # (T, d)
         return (f + self.scale * delta).reshape(shape)
@@ -112,8 +111,7 @@ class LoraExpertsMoeBlock(_SharedFfnBlock):
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # (T, d)
-        routing = self.router(x)
-        self.last_routing = routing
+        routing = self.route(x)
         lora = self.expert_lora
         gate = self.ffn.gate_proj(x)  # (T, F): shared by the token's k experts
         up = self.ffn.up_proj(x)  # (T, F)
