@@ -19,6 +19,7 @@ saved once and re-tied by the model, as transformers does. Nothing here unpickle
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -95,22 +96,51 @@ def save_moe_checkpoint(
             spec.lineage.append(entry)
     if stage:
         spec.add_stage(stage, stage_config)
+    return write_model_dir(
+        out_dir,
+        model.config,
+        unique_state_dict(model).items(),
+        generation_config=getattr(model, "generation_config", None),
+        tokenizer=tokenizer,
+        tokenizer_dir=tokenizer_dir,
+        max_shard_size=max_shard_size,
+        extra=spec.save,
+    )
+
+
+def write_model_dir(
+    out_dir: str | Path,
+    config: Any,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    generation_config: Any = None,
+    tokenizer: Any = None,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    extra: Callable[[Path], Any] | None = None,
+) -> Path:
+    """An HF-style model directory, written atomically; returns its path.
+
+    ``config.json``, the generation config (a bad one is skipped, not fatal), sharded safetensors
+    of ``tensors``, the tokenizer (``save_pretrained``, or the files copied from
+    ``tokenizer_dir``), then ``extra(staging_dir)`` for files of the caller's own (``moe_app.json``).
+    """
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        model.config.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            with contextlib.suppress(ValueError, OSError):  # a bad generation config is not fatal
-                gen.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        if generation_config is not None:
+            with contextlib.suppress(ValueError, OSError):
+                generation_config.save_pretrained(tmp)
         writer = ShardWriter(tmp, max_shard_size)
-        for k, v in unique_state_dict(model).items():
+        for k, v in tensors:
             writer.add(k, v)
         writer.close()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         elif tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
-        spec.save(tmp)
+        if extra is not None:
+            extra(tmp)
     return out_dir
 
 

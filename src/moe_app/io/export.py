@@ -30,7 +30,6 @@ before anything is written; the output directory is written atomically.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +39,12 @@ import torch
 from torch import Tensor, nn
 
 from moe_app.errors import UnsupportedModelError
-from moe_app.io.checkpoint import SPEC_ATTR, load_model, unique_state_dict
-from moe_app.io.hub import copy_tokenizer_files
+from moe_app.io.checkpoint import SPEC_ATTR, load_model, unique_state_dict, write_model_dir
 from moe_app.io.keymaps import FORMAT_ARCHITECTURES, FORMAT_KEYMAPS
-from moe_app.io.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter
+from moe_app.io.shards import DEFAULT_MAX_SHARD_SIZE
 from moe_app.moe.block import SparseMoeBlock
 from moe_app.moe.experts import SwiGLUExperts
 from moe_app.moe.router import TopKRouter
-from moe_app.utils.atomic import atomic_directory
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
 KNOWN_BASES = ("llama", "mistral", "qwen2", "qwen3")
@@ -436,19 +433,13 @@ def export_checkpoint(
             yield k, v.detach()
 
     _check_against_target(cfg, {k: tuple(v.shape) for k, v in tensors()})
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
-        cfg.save_pretrained(tmp)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            with contextlib.suppress(ValueError, OSError):  # a bad generation config is not fatal
-                gen.save_pretrained(tmp)
-        writer = ShardWriter(tmp, max_shard_size)
-        for k, v in tensors():
-            writer.add(k, v)
-        writer.close()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        elif src_dir is not None:
-            copy_tokenizer_files(src_dir, tmp)
+    out_dir = write_model_dir(
+        out_dir,
+        cfg,
+        tensors(),
+        generation_config=getattr(model, "generation_config", None),
+        tokenizer=tokenizer,
+        tokenizer_dir=src_dir,
+        max_shard_size=max_shard_size,
+    )
     return ExportResult(path=out_dir, format=fmt)
