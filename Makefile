@@ -1,24 +1,32 @@
 # Two commands do everything on a fresh machine (see README):
-#   make demo   create .venv, install moe-app, run the tiny pipeline on the built-in offline data
-#   make test   create .venv, install moe-app, run the test suite
+#   make demo   create .venv, install moe-app from the lock, run the tiny pipeline on the built-in offline data
+#   make test   create .venv, install moe-app from the lock, run the test suite
+# Maintenance:
+#   make lock         re-resolve today's releases in a scratch venv and rewrite requirements.lock
+#   make test-latest  fresh venv with today's newest releases (no lock), fast tests, names what broke
 # TORCH is installed first so that pip does not resolve a multi-GB CUDA wheel on CPU machines;
 # on a GPU machine use e.g. `make demo TORCH="torch==2.13.0 --index-url <your CUDA index>"`.
 
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+LOCK    = requirements.lock
+EXTRAS  = dev
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.moe-app-installed
+PIP     = $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench lock test-latest clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Everything pip installs is constrained to the versions in the lock: a fresh clone gets what was tested.
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(PIP) install --quiet -c $(LOCK) pip
+	$(PIP) install --quiet -c $(LOCK) $(TORCH)
+	$(PIP) install --quiet -c $(LOCK) -e '.[$(EXTRAS)]'
+	$(BIN)/python scripts/lock.py --check $(LOCK)
 	touch $(STAMP)
 
 demo: setup
@@ -34,5 +42,11 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
+lock:
+	$(PYTHON) scripts/lock.py --write $(LOCK) --torch '$(TORCH)' --extras $(EXTRAS)
+
+test-latest:
+	$(PYTHON) scripts/test_latest.py --lock $(LOCK) --torch '$(TORCH)' --extras $(EXTRAS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-latest runs .pytest_cache

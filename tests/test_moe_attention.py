@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaModel
 
 from conftest import tiny_llama_config
+from moe_app.errors import UnsupportedModelError
 from moe_app.moe.attention import AttentionMoe
 from moe_app.moe.block import find_moe_blocks
 from moe_app.moe.losses import model_router_losses
@@ -117,3 +118,43 @@ def test_router_size_must_match_kv_heads():
     model = LlamaModel(cfg)
     with pytest.raises(ValueError, match="KV heads"):
         AttentionMoe(model.layers[0].self_attn, TopKRouter(cfg.hidden_size, 4, 1))
+
+
+def test_unknown_attention_signature_is_refused_when_the_block_is_built():
+    """The wrapper follows the decoder layer's private call signature: check it at build time."""
+    cfg = tiny_llama_config()
+
+    class RenamedCache(torch.nn.Module):  # a future transformers renaming the cache argument again
+        config = cfg
+
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, kv_store=None):
+            return hidden_states, None
+
+    router = TopKRouter(cfg.hidden_size, cfg.num_key_value_heads, 1)
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"forward\(self, hidden_states, position_embeddings, attention_mask, kv_store\) is not a signature",
+    ):
+        AttentionMoe(RenamedCache(), router)
+
+
+def test_cache_under_an_unknown_name_is_an_error_not_ignored():
+    _, moe = _models("sdpa", top_k=2)
+    with torch.no_grad():
+        out = moe(BATCH[:, :4], use_cache=True)
+    block = moe.layers[0].self_attn
+    hidden = torch.randn(2, 1, 32)
+    cos_sin = moe.rotary_emb(hidden, torch.tensor([[4], [4]]))
+    with pytest.raises(TypeError, match="would be silently ignored"):
+        block(hidden, cos_sin, None, legacy_cache=out.past_key_values)
+
+
+def test_cached_decoding_with_every_group_equals_uncached():
+    """Regression: transformers 5.24 passes the cache as ``cache=``; dropping it made decoding wrong."""
+    _, moe = _models("sdpa", top_k=2, zero_router=False)
+    with torch.no_grad():
+        full = moe(BATCH).last_hidden_state
+        out = moe(BATCH[:, :4], use_cache=True)
+        assert out.past_key_values.get_seq_length() == 4
+        step = moe(BATCH[:, 4:5], past_key_values=out.past_key_values, use_cache=True).last_hidden_state
+    torch.testing.assert_close(step[:, 0], full[:, 4], rtol=1e-5, atol=1e-5)

@@ -180,9 +180,13 @@ def test_large_search_samples_subsets_and_says_so(caplog):
     assert choice.how == "sample" and choice.evaluated == 10
     assert "sampled subsets" in caplog.text
     full = search_layer(view, xs, zs, 4)
-    assert full.how == "enumerate" and full.evaluated == 70 and full.loss <= choice.loss
+    assert full.how == "enumerate" and full.evaluated == 70
+    # The full search sees every sampled subset, so it is at least as good. The two searches batch
+    # subsets differently, so the same subset's float64 loss may differ in the last ulp: compare with
+    # a relative tolerance far below any real difference between subsets (which are ~1e-3 apart).
+    assert full.loss <= choice.loss * (1 + 1e-12)
     freq = top_experts(saliency_scores(view, xs, "frequency"), 4)
-    assert choice.loss <= reconstruction_loss(view, xs, zs, freq) + 1e-12  # saliency choices are included
+    assert choice.loss <= reconstruction_loss(view, xs, zs, freq) * (1 + 1e-12)  # saliency choices included
     with caplog.at_level(logging.WARNING, logger="moe_app.pruning"):
         fb = search_layer(view, xs, zs, 4, EnumerationConfig(max_subsets=10, fallback="reap"))
     assert fb.how == "reap" and "using reap saliency" in caplog.text

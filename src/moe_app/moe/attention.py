@@ -28,19 +28,53 @@ Why it is written this way:
 * KV cache: prefill works (the cache is filled as usual). Incremental decoding with routing that
   drops groups would need the routing of every cached token, which a cache does not keep, so it
   raises with the fix (``use_cache=False``); with every group selected decoding is dense and works.
+* The wrapper follows a private call signature (the decoder layer calls ``self_attn(...)`` by
+  keyword, and transformers renamed the cache argument from ``past_key_values`` to ``cache`` in
+  5.24). The name is read from the wrapped module's ``forward`` when the block is built, and the
+  build fails there if the signature is one this wrapper does not know. At call time a ``Cache``
+  arriving under any other name is an error, never silently dropped: dropping it once made
+  cached generation diverge from uncached generation without any error.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
 from torch import Tensor, nn
 
+from moe_app.errors import UnsupportedModelError
 from moe_app.moe.block import RoutedBlock
 from moe_app.moe.router import TopKRouter
 
 _MASKABLE_IMPLS = ("eager", "sdpa")
+# Names transformers has used for the KV-cache argument of ``XAttention.forward``, newest first.
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
+_REQUIRED_ARGS = ("hidden_states", "position_embeddings", "attention_mask")
+
+
+def _cache_argument(attention: nn.Module) -> str:
+    """The name under which ``attention.forward`` takes the KV cache; fail at build time if unknown."""
+    params = inspect.signature(type(attention).forward).parameters
+    found = [name for name in _CACHE_ARGS if name in params]
+    missing = [name for name in _REQUIRED_ARGS if name not in params]
+    if len(found) != 1 or missing:
+        import transformers
+
+        raise UnsupportedModelError(
+            f"attention MoE cannot wrap {type(attention).__name__} of transformers {transformers.__version__}: "
+            f"its forward({', '.join(params)}) is not a signature this wrapper follows (it needs "
+            f"{', '.join(_REQUIRED_ARGS)} and one cache argument among {', '.join(_CACHE_ARGS)})",
+            fix="install the transformers version pinned in requirements.lock, or report the new signature",
+        )
+    return found[0]
+
+
+def _is_cache(value) -> bool:
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
 
 
 def _rope_fn(attention: nn.Module):
@@ -65,7 +99,8 @@ class AttentionMoe(RoutedBlock):
 
     ``router.num_experts`` must equal the number of KV heads. The call signature and return value
     are the wrapped module's: ``forward(hidden_states, position_embeddings, attention_mask,
-    past_key_values=None, **kwargs) -> (attn_output, attn_weights)``. Each call records
+    <cache>=None, **kwargs) -> (attn_output, attn_weights)``, where ``<cache>`` is whatever name
+    the installed transformers gives it (``cache`` from 5.24, ``past_key_values`` before). Each call records
     ``last_routing`` (flattened ``B*S`` tokens) for the router losses.
     """
 
@@ -81,6 +116,7 @@ class AttentionMoe(RoutedBlock):
             raise ValueError(
                 f"router hidden size {router.hidden_size} != model hidden size {config.hidden_size}."
             )
+        self._cache_arg = _cache_argument(attention)
         super().__init__(router, scale)
         self.num_heads = config.num_attention_heads
         self.num_groups = groups
@@ -95,9 +131,16 @@ class AttentionMoe(RoutedBlock):
         hidden_states: Tensor,
         position_embeddings: tuple[Tensor, Tensor] | None = None,
         attention_mask: Tensor | None = None,
-        past_key_values=None,
         **kwargs,
     ) -> tuple[Tensor, Tensor | None]:
+        cache = kwargs.pop(self._cache_arg, None)
+        stray = [name for name, value in kwargs.items() if _is_cache(value)]
+        if stray:
+            raise TypeError(
+                f"attention MoE got a KV cache as {stray[0]!r} but the wrapped "
+                f"{type(self.attention).__name__} takes it as {self._cache_arg!r}; rebuild the model with the "
+                "installed transformers (a cache passed under an unknown name would be silently ignored)"
+            )
         attn = self.attention
         B, S, d = hidden_states.shape
         G, H = self.num_groups, self.num_heads
@@ -117,15 +160,19 @@ class AttentionMoe(RoutedBlock):
         q, k = _rope_fn(attn)(q, k, cos, sin)
 
         past_len = 0
-        if past_key_values is not None:
-            past_len = past_key_values.get_seq_length(self.layer_idx)
+        if cache is not None:
+            past_len = cache.get_seq_length(self.layer_idx)
             if past_len > 0 and not everyone:
                 raise NotImplementedError(
                     "attention MoE with top_k < number of KV groups cannot decode with a KV cache (the "
                     "cache does not keep which group each past token was routed to); call the model / "
                     "generate() with use_cache=False."
                 )
-            k, v = past_key_values.update(k, v, self.layer_idx)
+            if self._cache_arg == "cache":
+                # transformers >= 5.24 hands the layer's kwargs to the cache (sliding windows, offsets).
+                k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+            else:
+                k, v = cache.update(k, v, self.layer_idx)
 
         impl = attn.config._attn_implementation or "eager"
         if not everyone:

@@ -93,7 +93,18 @@ def quantize_linear_4bit(
     )
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.detach().to(compute_dtype), requires_grad=False)
-    return q.to(device)  # moving the Params4bit to a real device quantises it
+    q = q.to(device)  # moving the Params4bit to a real device quantises it
+    state = getattr(q.weight, "quant_state", None)
+    if state is None or tuple(state.shape) != tuple(linear.weight.shape):
+        import bitsandbytes
+
+        got = None if state is None else tuple(state.shape)
+        raise UnsupportedModelError(
+            f"bitsandbytes {bitsandbytes.__version__} quantised a {tuple(linear.weight.shape)} weight into a "
+            f"4-bit state of shape {got} on {device}",
+            fix="install the bitsandbytes version pinned in requirements.lock, or set quantize_4bit: false",
+        )
+    return q
 
 
 def quantize_base_4bit(
