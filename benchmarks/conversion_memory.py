@@ -43,10 +43,10 @@ def child(mode: str, src: str, out: str, experts: int, top_k: int, shard: str) -
     import torch  # noqa: F401  (imports are part of the baseline)
     import transformers  # noqa: F401
 
-    from moe_app.io.checkpoint import save_moe_checkpoint
-    from moe_app.io.hub import load_hf_causal_lm
-    from moe_app.upcycling import UpcycleConfig, upcycle
-    from moe_app.upcycling.streaming import upcycle_checkpoint_streaming
+    from moe_app.checkpoint.hub import load_hf_causal_lm
+    from moe_app.checkpoint.model_dir import save_moe_checkpoint
+    from moe_app.checkpoint.streaming import upcycle_checkpoint_streaming
+    from moe_app.core.upcycling import UpcycleConfig, upcycle
 
     baseline = _rss_mb()
     cfg = UpcycleConfig(method="copy", num_experts=experts, top_k=top_k)

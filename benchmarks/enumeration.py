@@ -32,7 +32,8 @@ from collections.abc import Callable
 import torch
 
 from _common import cpu_model
-from moe_app.pruning import (
+from moe_app.core.models.views import clone_model
+from moe_app.core.pruning import (
     EnumerationConfig,
     ExpertPruneConfig,
     apply_skipping,
@@ -44,9 +45,8 @@ from moe_app.pruning import (
     skip_rates,
     subset_losses_naive,
 )
-from moe_app.pruning.calibration import capture_block_io, normalize_batches, run_model
-from moe_app.pruning.enumerate import all_subsets
-from moe_app.pruning.views import clone_model
+from moe_app.core.pruning.calibration import capture_block_io, normalize_batches, run_model
+from moe_app.core.pruning.enumerate import all_subsets
 
 
 def build_model(args: argparse.Namespace):
@@ -56,7 +56,7 @@ def build_model(args: argparse.Namespace):
         return moe_app.load_model(args.ckpt).float().eval()
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from moe_app.upcycling import UpcycleConfig, upcycle
+    from moe_app.core.upcycling import UpcycleConfig, upcycle
 
     cfg = LlamaConfig(
         vocab_size=args.vocab,

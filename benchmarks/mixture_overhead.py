@@ -36,10 +36,10 @@ SUITE = ("arithmetic", "arithmetic_alt", "strings", "sorting", "lookup", "expres
 def build_tiny_moe(out: Path, hidden: int = 64, layers: int = 2, experts: int = 8, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from moe_app.data.tokenizer import suite_tokenizer
-    from moe_app.io.checkpoint import save_moe_checkpoint
-    from moe_app.upcycling import upcycle
-    from moe_app.upcycling.config import UpcycleConfig
+    from moe_app.checkpoint.model_dir import save_moe_checkpoint
+    from moe_app.core.data.tokenizer import suite_tokenizer
+    from moe_app.core.upcycling import upcycle
+    from moe_app.core.upcycling.config import UpcycleConfig
 
     tok = suite_tokenizer()
     cfg = LlamaConfig(
@@ -65,11 +65,12 @@ def build_tiny_moe(out: Path, hidden: int = 64, layers: int = 2, experts: int = 
 def _objects(
     model_dir: Path, strategy: str, args: argparse.Namespace, weights: dict[str, float] | None = None
 ):
-    from moe_app.data.mixture import MixtureConfig, MixtureDataModule
-    from moe_app.data.sources import SourceConfig
-    from moe_app.training.lm import GenerationConfig, ModelSource
-    from moe_app.training.moe import MoeLMModule
-    from moe_app.training.optim import OptimConfig
+    from moe_app.core.data.sources import SourceConfig
+    from moe_app.core.mixing.config import MixtureConfig
+    from moe_app.lightning.data.mixture import MixtureDataModule
+    from moe_app.lightning.modules.lm import GenerationConfig, ModelSource
+    from moe_app.lightning.modules.moe import MoeLMModule
+    from moe_app.lightning.modules.optim import OptimConfig
 
     module = MoeLMModule(
         source=ModelSource(pretrained=str(model_dir)),
@@ -147,7 +148,7 @@ def run_overhead(model_dir: Path, args: argparse.Namespace, work: Path) -> dict[
     (robust on a shared machine): median update cost / (``claim_interval`` x median static step)."""
     import lightning as L
 
-    from moe_app.callbacks.mixture import MixtureWeightsCallback
+    from moe_app.lightning.callbacks.mixture import MixtureWeightsCallback
 
     steps = args.updates * args.update_every + 1  # updates at update_every, 2 * update_every, ...
     uniform = {d: 1.0 for d in SUITE}

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from _common import cpu_model
-from moe_app.moe.block import SparseMoeBlock
-from moe_app.moe.experts import SwiGLUExperts
-from moe_app.moe.router import TopKRouter
+from moe_app.core.moe.block import SparseMoeBlock
+from moe_app.core.moe.experts import SwiGLUExperts
+from moe_app.core.moe.router import TopKRouter
 
 
 class DenseSwiGLU(nn.Module):

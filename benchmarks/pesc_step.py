@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from _common import cpu_model
-from moe_app.upcycling.pesc import QLORA_TARGETS, PescConfig, build_pesc
+from moe_app.core.pesc.config import QLORA_TARGETS, PescConfig
+from moe_app.core.pesc.surgery import build_pesc
 
 
 def dense_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -78,7 +79,7 @@ def lora_per_rank(model: nn.Module) -> int:
 def build(args: argparse.Namespace, device: torch.device) -> dict[str, nn.Module]:
     from peft import LoraConfig, inject_adapter_in_model
 
-    from moe_app.upcycling import UpcycleConfig, upcycle
+    from moe_app.core.upcycling import UpcycleConfig, upcycle
 
     models: dict[str, nn.Module] = {}
     pesc = build_pesc(

@@ -34,7 +34,7 @@ def build_dense(out: Path, hidden: int, layers: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from moe_app.data.tokenizer import suite_tokenizer
+    from moe_app.core.data.tokenizer import suite_tokenizer
 
     tok = suite_tokenizer()
     cfg = LlamaConfig(

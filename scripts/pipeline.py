@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")
     try:
-        from moe_app.plots import write_pipeline_plots
+        from moe_app.lightning.plots import write_pipeline_plots
 
         plots = write_pipeline_plots(ROOT, all_stages, ROOT / args.runs / "plots")
     except ImportError:

@@ -85,7 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     pip = [py, "-m", "pip", "--disable-pip-version-check", "install", "--quiet"]
     sh([*pip, "--upgrade", "pip"], check=True)
     sh([*pip, *shlex.split(args.torch)], check=True)
-    sh([*pip, "--upgrade", "--upgrade-strategy", "eager", "-e", f"{ROOT}[{args.extras}]"], check=True)
+    # Hold torch where --torch put it: an eager upgrade would otherwise pull the newest CUDA build.
+    torch_pin = args.venv / "torch-constraint.txt"
+    torch_pin.write_text(next(a for a in shlex.split(args.torch) if a.startswith("torch")) + "\n")
+    sh(
+        [
+            *pip,
+            "--upgrade",
+            "--upgrade-strategy",
+            "eager",
+            "-c",
+            str(torch_pin),
+            "-e",
+            f"{ROOT}[{args.extras}]",
+        ],
+        check=True,
+    )
 
     locked = read_lock(args.lock)
     now = versions(py)

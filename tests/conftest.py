@@ -41,7 +41,7 @@ def tiny_llama_config(**overrides):
 
 def suite_llama_config(**overrides):
     """The tiny LLaMA sized for the built-in suite tokenizer: its vocabulary and special ids."""
-    from moe_app.data.tokenizer import suite_tokenizer
+    from moe_app.core.data.tokenizer import suite_tokenizer
 
     tok = suite_tokenizer()
     ids = {key: getattr(tok, key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
@@ -84,7 +84,7 @@ def suite_dense_dir(tmp_path_factory) -> Path:
     """A tiny dense LLaMA sized for the built-in suite tokenizer, saved with it (session-wide)."""
     from transformers import AutoModelForCausalLM
 
-    from moe_app.data.tokenizer import suite_tokenizer
+    from moe_app.core.data.tokenizer import suite_tokenizer
 
     tok = suite_tokenizer()
     out = tmp_path_factory.mktemp("suite-dense") / "model"

@@ -35,10 +35,10 @@ RECIPES: dict[str, tuple[str, ...]] = {
         "--model.init_args.upcycle.jitter",
         "0.1",
         # expert pruning at fit end: under FSDP it must run on the gathered model
-        '--trainer.callbacks+={"class_path": "moe_app.callbacks.pruning.ExpertPruning", "init_args": {"keep": 2, '
+        '--trainer.callbacks+={"class_path": "moe_app.lightning.callbacks.pruning.ExpertPruning", "init_args": {"keep": 2, '
         '"calib_batches": 2, "eval_batches": 0}}',
         # a second pruning callback must get the trained model, not the first one's pruned copy
-        '--trainer.callbacks+={"class_path": "moe_app.callbacks.pruning.ExpertSkipping", "init_args": {'
+        '--trainer.callbacks+={"class_path": "moe_app.lightning.callbacks.pruning.ExpertSkipping", "init_args": {'
         '"calib_batches": 2, "eval_batches": 0}}',
         "--data.init_args.sources",
         '[{"name": "suite", "builtin": "all", "builtin_train_size": 64, "builtin_eval_size": 4}]',

@@ -75,7 +75,7 @@ class PauseUntilStopRequested(L.Callback):
         self.marker = marker
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        from moe_app.callbacks.reliability import GracefulStop
+        from moe_app.lightning.callbacks.reliability import GracefulStop
 
         if trainer.global_step != self.step:
             return
@@ -184,8 +184,8 @@ def tiny_dense_dir(path: Path, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 
     from conftest import suite_llama_config
-    from moe_app.data.tokenizer import suite_tokenizer
-    from moe_app.io.pretrained import save_pretrained_dir
+    from moe_app.checkpoint.pretrained import save_pretrained_dir
+    from moe_app.core.data.tokenizer import suite_tokenizer
 
     tok = suite_tokenizer()
     torch.manual_seed(seed)
@@ -196,7 +196,7 @@ def tiny_dense_dir(path: Path, seed: int = 0) -> Path:
 def build_cache(path: Path) -> Path:
     """Build the suite tokenizer once in ``path`` (a ``MOE_APP_CACHE`` shared by the subprocesses)."""
     with cache_env(path):
-        from moe_app.data.tokenizer import suite_tokenizer
+        from moe_app.core.data.tokenizer import suite_tokenizer
 
         suite_tokenizer()
     return path

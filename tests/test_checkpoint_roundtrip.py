@@ -11,12 +11,12 @@ from torch.testing import assert_close
 
 import moe_app
 from conftest import tiny_llama_config
+from moe_app.checkpoint.model_dir import save_moe_checkpoint
+from moe_app.checkpoint.shards import INDEX_FILE, shard_files
+from moe_app.core.moe.block import SparseMoeBlock
+from moe_app.core.spec import SPEC_FILE, MoeSpec
+from moe_app.core.upcycling import UpcycleConfig
 from moe_app.errors import CheckpointError
-from moe_app.io.checkpoint import save_moe_checkpoint
-from moe_app.io.shards import INDEX_FILE, shard_files
-from moe_app.io.spec import SPEC_FILE, MoeSpec
-from moe_app.moe.block import SparseMoeBlock
-from moe_app.upcycling import UpcycleConfig
 from upcycling_helpers import build, logits, tokens, upcycled
 
 

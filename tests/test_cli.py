@@ -72,7 +72,7 @@ def test_fit_saves_model_and_test_prints_per_domain_table(tmp_path: Path):
 
     test = moe_app("test", "-c", DENSE, "--trainer.default_root_dir", str(run), "--ckpt_path", "last", *TINY)
     assert test.returncode == 0, test.stderr[-3000:]
-    from moe_app.data.synthetic import SUITE_DOMAINS
+    from moe_app.core.data.synthetic import SUITE_DOMAINS
 
     for domain in SUITE_DOMAINS:
         assert domain in test.stdout

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_app.cli import cli_main, main
+from moe_app.cli.main import cli_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -66,7 +66,7 @@ def test_every_config_dir_is_populated():
 @pytest.mark.parametrize("recipe", RECIPES, ids=_rel)
 def test_recipe_instantiates(recipe: Path, tmp_path: Path):
     cli = _instantiate(tmp_path, recipe)
-    from moe_app.training.lm import CausalLMModule
+    from moe_app.lightning.modules.lm import CausalLMModule
 
     assert isinstance(cli.model, CausalLMModule)
     assert cli.datamodule is not None
@@ -104,7 +104,7 @@ def test_preset_composes_with_a_recipe(preset: Path, tmp_path: Path):
     )
     assert cli.trainer is not None
     if preset.stem == "fsdp":  # runs on CPU too (gloo); the 2-process fits are in test_fsdp.py
-        from moe_app.training.fsdp import DecoderLayerFSDPStrategy
+        from moe_app.lightning.strategies.fsdp import DecoderLayerFSDPStrategy
 
         assert isinstance(cli.trainer.strategy, DecoderLayerFSDPStrategy)
         assert cli.trainer.strategy.reshard_after_forward is True
@@ -114,7 +114,7 @@ def test_print_config_shows_the_resolved_config(capsys):
     code = main(["fit", "-c", str(CONFIGS / "tiny" / "dense.yaml"), "--print_config"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "class_path: moe_app.training.lm.CausalLMModule" in out
+    assert "class_path: moe_app.lightning.modules.lm.CausalLMModule" in out
     assert "hidden_size: 128" in out
 
 

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from moe_app.data.collate import SeededShuffleSampler
-from moe_app.data.datamodule import InstructionDataModule
-from moe_app.data.sources import SourceConfig
-from moe_app.data.synthetic import SUITE_DOMAINS
-from moe_app.data.templates import IGNORE_INDEX
-from moe_app.data.tokenizer import suite_tokenizer
+from moe_app.core.data.collate import SeededShuffleSampler
+from moe_app.core.data.sources import SourceConfig
+from moe_app.core.data.synthetic import SUITE_DOMAINS
+from moe_app.core.data.templates import IGNORE_INDEX
+from moe_app.core.data.tokenizer import suite_tokenizer
 from moe_app.errors import ConfigError
+from moe_app.lightning.data.instruction import InstructionDataModule
 
 
 @pytest.fixture(scope="module")

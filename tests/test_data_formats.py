@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_app.data.formats import Example, Message, detect_format, parse_record, parse_records
+from moe_app.core.data.formats import Example, Message, detect_format, parse_record, parse_records
 from moe_app.errors import DataError
 
 
@@ -124,7 +124,7 @@ def test_skip_policy_drops_exactly_the_bad_ones(caplog):
         ("r3", 42),
         ("r4", {"text": "ok too"}),
     ]
-    with caplog.at_level(logging.WARNING, logger="moe_app.data"):
+    with caplog.at_level(logging.WARNING, logger="moe_app.core.data"):
         out = parse_records(rows, on_bad_record="skip", source="mine")
     assert [ex.meta["where"] for ex in out] == ["r0", "r2", "r4"]
     assert "skipped 2 malformed record(s) of 5" in caplog.text and "mine" in caplog.text

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_app.data.sources import SourceConfig, load_examples
+from moe_app.core.data.sources import SourceConfig, load_examples
 from moe_app.errors import ConfigError, DataError
 
 ALPACA = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(10)]
@@ -81,7 +81,7 @@ def test_all_records_skipped_is_an_error(tmp_path):
 def test_skip_policy_on_a_file(tmp_path, caplog):
     rows = [*ALPACA[:3], {"instruction": "no output"}, {"text": 5}, ALPACA[3]]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="moe_app.data"):
+    with caplog.at_level(logging.WARNING, logger="moe_app.core.data"):
         out = load_examples(SourceConfig(name="s", path=str(path), on_bad_record="skip"), "train")
     assert answers(out) == ["a0", "a1", "a2", "a3"]
     assert "skipped 2 malformed record(s) of 6" in caplog.text

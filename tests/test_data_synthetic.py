@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from moe_app.data.sources import SourceConfig, load_examples
-from moe_app.data.synthetic import (
+from moe_app.core.data.sources import SourceConfig, load_examples
+from moe_app.core.data.synthetic import (
     ATTRIBUTES,
     NEAR_DUPLICATES,
     PRETRAIN,
@@ -144,7 +144,7 @@ def test_checkers(domain, pred, ref, ok):
 
 
 def test_suite_command_writes_loadable_jsonl(tmp_path):
-    from moe_app.commands import suite
+    from moe_app.cli.commands import suite
 
     parser = argparse.ArgumentParser()
     suite.build_parser(parser)

@@ -7,10 +7,10 @@ import logging
 
 import pytest
 
-from moe_app.data import templates
-from moe_app.data.formats import Example, Message
-from moe_app.data.packing import pack_sequences
-from moe_app.data.templates import (
+from moe_app.core.data import templates
+from moe_app.core.data.formats import Example, Message
+from moe_app.core.data.packing import pack_sequences
+from moe_app.core.data.templates import (
     IGNORE_INDEX,
     encode_example,
     extract_answer,
@@ -18,7 +18,7 @@ from moe_app.data.templates import (
     stop_strings,
     stop_token_ids,
 )
-from moe_app.data.tokenizer import suite_tokenizer
+from moe_app.core.data.tokenizer import suite_tokenizer
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -133,7 +133,7 @@ def test_prefix_inconsistent_template_supervises_only_the_last_reply(tok, caplog
         "{% if add_generation_prompt %}a: {% endif %}"
     )
     templates._warned_prefix = False
-    with caplog.at_level(logging.WARNING, logger="moe_app.data"):
+    with caplog.at_level(logging.WARNING, logger="moe_app.core.data"):
         enc = encode_example(weird, MULTI, max_length=256)
     assert labelled_runs(weird, enc) == ["a two\n"]
     assert "prefix-consistently" in caplog.text

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from moe_app.data import tokenizer as suite_tok
-from moe_app.data.templates import CHAT_MARKERS, DEFAULT_CHAT_TEMPLATE
+from moe_app.core.data import tokenizer as suite_tok
+from moe_app.core.data.templates import CHAT_MARKERS, DEFAULT_CHAT_TEMPLATE
 
 
 def test_two_builds_in_separate_caches_are_identical(tmp_path):

@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qw
 
 import moe_app
 from conftest import tiny_llama_config
+from moe_app.checkpoint.export import export_checkpoint
+from moe_app.checkpoint.model_dir import save_moe_checkpoint
+from moe_app.checkpoint.shards import INDEX_FILE, shard_files
+from moe_app.core.upcycling import UpcycleConfig
 from moe_app.errors import UnsupportedModelError
-from moe_app.io.checkpoint import save_moe_checkpoint
-from moe_app.io.export import export_checkpoint
-from moe_app.io.shards import INDEX_FILE, shard_files
-from moe_app.upcycling import UpcycleConfig
 from upcycling_helpers import build, logits, qwen2_config, qwen3_config, tokens, upcycled
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -49,7 +49,7 @@ def _check(moe, tmp_path, fmt, expect_format, arch):
 
 def test_stock_layouts_match_our_keymaps(tmp_path):
     """The legacy per-expert names we write are what stock save_pretrained writes."""
-    from moe_app.io.keymaps import MIXTRAL, QWEN_MOE
+    from moe_app.checkpoint.keymaps import MIXTRAL, QWEN_MOE
 
     small = dict(
         vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
@@ -85,7 +85,7 @@ def test_export_mixtral_from_llama_with_scale_noise_and_dense_layer(tmp_path):
 
 
 def test_export_mixtral_from_mistral_via_checkpoint_dir_and_cli(tiny_mistral_dir, tmp_path, capsys):
-    from moe_app.cli import main
+    from moe_app.cli.main import main
 
     dense = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir).eval()
     moe = upcycled(dense, UpcycleConfig(method="drop", num_experts=4, top_k=2))
@@ -166,7 +166,7 @@ def test_refusals_name_the_reason(tmp_path):
 
 
 def test_cli_export_refusal_exit_code_2(tmp_path, capsys):
-    from moe_app.cli import main
+    from moe_app.cli.main import main
 
     moe = upcycled(build(tiny_llama_config()), UpcycleConfig(num_experts=2, top_k=1, attention_moe=True))
     save_moe_checkpoint(moe, tmp_path / "ckpt")

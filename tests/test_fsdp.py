@@ -15,7 +15,7 @@ import torch
 
 from distributed_helpers import check_ranks, fit_two_processes, load_safetensors, probes, test_two_processes
 
-FSDP = "fsdp"  # the bare name resolves to moe_app.training.fsdp.DecoderLayerFSDPStrategy
+FSDP = "fsdp"  # the bare name resolves to moe_app.lightning.strategies.fsdp.DecoderLayerFSDPStrategy
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_fsdp_pesc_frozen_base_and_trainable_experts_match_ddp(fsdp_pesc_run: Pa
     assert all(p["local_fraction"] == pytest.approx(0.5, abs=0.02) for p in probes(fsdp_pesc_run))
     _assert_same_model(saved, load_safetensors(ddp_pesc_run / "model"))
     # the adapter directory loads onto the frozen base through the real loader
-    from moe_app.upcycling.pesc import load_pesc_model
+    from moe_app.checkpoint.pesc import load_pesc_model
 
     model = load_pesc_model(fsdp_pesc_run / "model")
     params = dict(model.named_parameters())
@@ -167,10 +167,10 @@ def test_fsdp_pesc_resume_from_the_adapter_only_checkpoint_is_bitwise(
 def test_pesc_checks_the_tensor_names_the_fsdp_loader_passes_on(suite_dense_dir: Path):
     # Under FSDP the strategy loads the tensors itself and hands the module only their names
     # (state_dict_keys): a checkpoint from another PescConfig is still refused.
+    from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
     from moe_app.errors import CheckpointError
-    from moe_app.training.lm import ModelSource
-    from moe_app.training.pesc import PescModule
-    from moe_app.upcycling.pesc import PescConfig, is_pesc_trainable
+    from moe_app.lightning.modules.lm import ModelSource
+    from moe_app.lightning.modules.pesc import PescModule
 
     module = PescModule(
         source=ModelSource(pretrained=str(suite_dense_dir)), pesc=PescConfig(num_experts=2, adapter_dim=4)

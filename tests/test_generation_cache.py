@@ -23,11 +23,11 @@ from transformers import AutoModelForCausalLM
 
 import moe_app
 from conftest import tiny_config, tiny_llama_config
-from moe_app.io.checkpoint import save_moe_checkpoint
-from moe_app.io.export import export_checkpoint
-from moe_app.moe.attention import AttentionMoe
-from moe_app.moe.block import find_moe_blocks
-from moe_app.upcycling import UpcycleConfig, upcycle
+from moe_app.checkpoint.export import export_checkpoint
+from moe_app.checkpoint.model_dir import save_moe_checkpoint
+from moe_app.core.moe.attention import AttentionMoe
+from moe_app.core.moe.block import find_moe_blocks
+from moe_app.core.upcycling import UpcycleConfig, upcycle
 
 PAD = 0
 NEW_TOKENS = 12
@@ -265,7 +265,8 @@ def test_attention_moe_dropped_groups_refuses_cached_decoding(attn_impl):
 
 # ---------------------------------------------------------------------- 5. PESC
 def _pesc(variant: str, **kw):
-    from moe_app.upcycling.pesc import PescConfig, build_pesc
+    from moe_app.core.pesc.config import PescConfig
+    from moe_app.core.pesc.surgery import build_pesc
 
     cfg = PescConfig(variant=variant, num_experts=4, top_k=2, adapter_dim=8, lora_rank=4, **kw)
     return _perturb_trainable(build_pesc(_llama(), cfg))
@@ -286,14 +287,14 @@ def test_pesc_with_shared_peft_lora():
 
 # ---------------------------------------------------------------------- 6. pruning and skipping
 def _calibration():
-    from moe_app.pruning.calibration import normalize_batches
+    from moe_app.core.pruning.calibration import normalize_batches
 
     g = torch.Generator().manual_seed(3)
     return normalize_batches([torch.randint(3, 128, (4, 16), generator=g) for _ in range(2)])
 
 
 def _pruned():
-    from moe_app.pruning import ExpertPruneConfig, moe_layer_views, prune_experts
+    from moe_app.core.pruning import ExpertPruneConfig, moe_layer_views, prune_experts
 
     model = _upcycled(_llama(), method="noise", num_experts=6, top_k=2, noise_std=0.5)
     prune_experts(model, _calibration(), ExpertPruneConfig(keep=3))
@@ -302,7 +303,7 @@ def _pruned():
 
 
 def _skipping():
-    from moe_app.pruning import apply_skipping, calibrate_skipping, skip_rates
+    from moe_app.core.pruning import apply_skipping, calibrate_skipping, skip_rates
 
     model = _upcycled(_llama(), method="noise", num_experts=6, top_k=2, noise_std=0.5)
     apply_skipping(model, calibrate_skipping(model, _calibration()))
@@ -312,7 +313,7 @@ def _skipping():
 
 
 def _block_dropped():
-    from moe_app.pruning import drop_blocks
+    from moe_app.core.pruning import drop_blocks
 
     model = _upcycled(
         _llama(num_hidden_layers=3), method="noise", num_experts=4, top_k=2, noise_std=0.5, attention_moe=True
@@ -364,7 +365,9 @@ def test_moe_app_checkpoint_loaded_back(kind, tmp_path):
 
 
 def test_pesc_adapter_dir_loaded_back(tmp_path):
-    from moe_app.upcycling.pesc import PescConfig, build_pesc, save_pesc_adapters
+    from moe_app.checkpoint.pesc import save_pesc_adapters
+    from moe_app.core.pesc.config import PescConfig
+    from moe_app.core.pesc.surgery import build_pesc
 
     base = tmp_path / "base"
     _llama().save_pretrained(base)

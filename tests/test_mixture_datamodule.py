@@ -9,11 +9,12 @@ import json
 import pytest
 import torch
 
-from moe_app.data.mixture import MixtureConfig, MixtureDataModule
-from moe_app.data.sources import SourceConfig
+from moe_app.core.data.sources import SourceConfig
+from moe_app.core.mixing.config import MixtureConfig
+from moe_app.core.mixing.probe import probe_model, router_kind
+from moe_app.core.mixing.rules import redundancy_scores, update_weights
 from moe_app.errors import ConfigError, UnsupportedModelError
-from moe_app.mixing.probe import probe_model, router_kind
-from moe_app.mixing.rules import redundancy_scores, update_weights
+from moe_app.lightning.data.mixture import MixtureDataModule
 
 
 def _src(name, builtin=None, n=48, m=12):
@@ -40,8 +41,8 @@ def tiny_moe():
     from transformers import AutoModelForCausalLM
 
     from conftest import suite_llama_config
-    from moe_app.upcycling import upcycle
-    from moe_app.upcycling.config import UpcycleConfig
+    from moe_app.core.upcycling import upcycle
+    from moe_app.core.upcycling.config import UpcycleConfig
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(suite_llama_config())
@@ -93,7 +94,7 @@ def test_controlled_redundancy_moves_weight_to_the_distinct_source(tiny_moe):
 def test_stock_hf_moe_router_logits_are_counted():
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    from moe_app.data.tokenizer import suite_tokenizer
+    from moe_app.core.data.tokenizer import suite_tokenizer
 
     cfg = MixtralConfig(
         vocab_size=len(suite_tokenizer()),

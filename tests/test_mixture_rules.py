@@ -1,4 +1,4 @@
-"""The pure mixture update rules (moe_app.mixing.rules) against hand-computed numbers, and config errors."""
+"""The pure mixture update rules (moe_app.core.mixing.rules) against hand-computed numbers, and config errors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from moe_app.errors import ConfigError
-from moe_app.mixing.rules import (
+from moe_app.core.mixing.rules import (
     check_hyperparameters,
     check_weights,
     initial_weights,
@@ -18,6 +17,7 @@ from moe_app.mixing.rules import (
     reference_loss_scores,
     update_weights,
 )
+from moe_app.errors import ConfigError
 
 
 def test_dynamic_update_matches_hand_computed_example():

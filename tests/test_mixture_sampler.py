@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from moe_app.data.mixture_sampler import MixtureSampler, WeightSchedule
+from moe_app.core.mixing.sampler import MixtureSampler, WeightSchedule
 
 
 def _sampler(weights, sizes=(100, 50, 200), bs=64, seed=0, rank=0, epoch_batches=1000):

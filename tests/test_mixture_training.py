@@ -32,10 +32,10 @@ def tiny_moe_dir(tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM
 
     from conftest import suite_llama_config
-    from moe_app.data.tokenizer import suite_tokenizer
-    from moe_app.io.checkpoint import save_moe_checkpoint
-    from moe_app.upcycling import upcycle
-    from moe_app.upcycling.config import UpcycleConfig
+    from moe_app.checkpoint.model_dir import save_moe_checkpoint
+    from moe_app.core.data.tokenizer import suite_tokenizer
+    from moe_app.core.upcycling import upcycle
+    from moe_app.core.upcycling.config import UpcycleConfig
 
     tok = suite_tokenizer()
     cfg = suite_llama_config(tie_word_embeddings=True)
@@ -63,7 +63,7 @@ def write_config(
             "default_root_dir": str(root),
         },
         "model": {
-            "class_path": "moe_app.training.moe.MoeLMModule",
+            "class_path": "moe_app.lightning.modules.moe.MoeLMModule",
             "init_args": {
                 "source": {"pretrained": str(model_dir)},
                 "upcycle": None,
@@ -72,7 +72,7 @@ def write_config(
             },
         },
         "data": {
-            "class_path": "moe_app.data.mixture.MixtureDataModule",
+            "class_path": "moe_app.lightning.data.mixture.MixtureDataModule",
             "init_args": {
                 "sources": SOURCES,
                 "max_length": 48,
@@ -87,7 +87,7 @@ def write_config(
 
 
 def fit(*args: str, ckpt_path: Path | None = None) -> None:
-    from moe_app.cli import cli_main
+    from moe_app.cli.main import cli_main
 
     if ckpt_path is None:
         cli_main(["fit", *[str(a) for a in args]])

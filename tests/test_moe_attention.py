@@ -9,11 +9,11 @@ import torch
 from transformers import LlamaModel
 
 from conftest import tiny_llama_config
+from moe_app.core.moe.attention import AttentionMoe
+from moe_app.core.moe.block import find_moe_blocks
+from moe_app.core.moe.losses import model_router_losses
+from moe_app.core.moe.router import TopKRouter
 from moe_app.errors import UnsupportedModelError
-from moe_app.moe.attention import AttentionMoe
-from moe_app.moe.block import find_moe_blocks
-from moe_app.moe.losses import model_router_losses
-from moe_app.moe.router import TopKRouter
 
 
 def _models(attn_impl, top_k, rule="softmax_topk", scale=2.0, zero_router=True, seed=0):

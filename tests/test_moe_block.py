@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_app.moe.block import SparseMoeBlock, find_moe_blocks
-from moe_app.moe.experts import SwiGLUExperts
-from moe_app.moe.router import TopKRouter
+from moe_app.core.moe.block import SparseMoeBlock, find_moe_blocks
+from moe_app.core.moe.experts import SwiGLUExperts
+from moe_app.core.moe.router import TopKRouter
 
 
 def _dense_swiglu(x, w_gate, w_up, w_down):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_app.moe.experts import SwiGLUExperts, experts_forward_naive, grouped_mm_supported
+from moe_app.core.moe.experts import SwiGLUExperts, experts_forward_naive, grouped_mm_supported
 
 
 def _case(T=24, d=16, F=32, E=4, k=2, seed=0, dtype=torch.float32, impl="auto", act="silu"):

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from moe_app.moe.block import SparseMoeBlock
-from moe_app.moe.experts import SwiGLUExperts
-from moe_app.moe.losses import (
+from moe_app.core.moe.block import SparseMoeBlock
+from moe_app.core.moe.experts import SwiGLUExperts
+from moe_app.core.moe.losses import (
     collect_routing,
     cv_squared_loss,
     load_balancing_loss,
@@ -16,7 +16,7 @@ from moe_app.moe.losses import (
     router_z_loss,
     routing_stats,
 )
-from moe_app.moe.router import TopKRouter
+from moe_app.core.moe.router import TopKRouter
 
 
 def test_balance_loss_is_one_under_uniform_routing():

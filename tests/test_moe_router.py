@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_app.moe.router import TopKRouter
+from moe_app.core.moe.router import TopKRouter
 
 
 def _router(**kw):

@@ -8,17 +8,17 @@ from torch.testing import assert_close
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from moe_app.moe.adapters import BottleneckAdapters, LoraExperts, grouped_linear, sort_by_expert
-from moe_app.moe.block import SparseMoeBlock, find_moe_blocks
-from moe_app.moe.pesc import (
+from moe_app.core.moe.adapters import BottleneckAdapters, LoraExperts, grouped_linear, sort_by_expert
+from moe_app.core.moe.block import SparseMoeBlock, find_moe_blocks
+from moe_app.core.moe.pesc import (
     LoraExpertsMoeBlock,
     PescMoeBlock,
     lora_experts_forward_naive,
     merge_lora_experts,
     pesc_forward_naive,
 )
-from moe_app.moe.router import TopKRouter
-from moe_app.utils.params import count_parameters
+from moe_app.core.moe.router import TopKRouter
+from moe_app.core.utils.params import count_parameters
 
 D, FF, E = 32, 64, 8
 

@@ -7,10 +7,12 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
+from moe_app.checkpoint.pesc import load_pesc_model, save_pesc_adapters, save_pesc_full
+from moe_app.core.pesc.config import PescConfig
+from moe_app.core.pesc.quantize import is_4bit, quantize_base_4bit, resolve_compute_dtype
+from moe_app.core.pesc.surgery import build_pesc
+from moe_app.core.utils.params import count_parameters
 from moe_app.errors import ConfigError, UnsupportedModelError
-from moe_app.upcycling.pesc import PescConfig, build_pesc, load_pesc_model, save_pesc_adapters, save_pesc_full
-from moe_app.upcycling.quantize import is_4bit, quantize_base_4bit, resolve_compute_dtype
-from moe_app.utils.params import count_parameters
 
 pytest.importorskip("bitsandbytes")
 

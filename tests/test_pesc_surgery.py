@@ -7,19 +7,12 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
+from moe_app.checkpoint.pesc import load_pesc_full, load_pesc_model, save_pesc_adapters, save_pesc_full
+from moe_app.core.moe.pesc import LoraExpertsMoeBlock, PescMoeBlock
+from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
+from moe_app.core.pesc.merge import merge_pesc
+from moe_app.core.pesc.surgery import build_pesc, pesc_blocks
 from moe_app.errors import ConfigError, UnsupportedModelError
-from moe_app.moe.pesc import LoraExpertsMoeBlock, PescMoeBlock
-from moe_app.upcycling.pesc import (
-    PescConfig,
-    build_pesc,
-    is_pesc_trainable,
-    load_pesc_full,
-    load_pesc_model,
-    merge_pesc,
-    pesc_blocks,
-    save_pesc_adapters,
-    save_pesc_full,
-)
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -131,7 +124,7 @@ def test_merged_lora_experts_export_to_stock_mixtral(tiny_llama_dir, tmp_path):
     from transformers import MixtralForCausalLM
 
     from moe_app import load_model
-    from moe_app.io.export import export_checkpoint
+    from moe_app.checkpoint.export import export_checkpoint
 
     cfg = PescConfig(
         variant="lora", num_experts=4, top_k=2, lora_rank=4, peft_lora={"enabled": True, "rank": 4}

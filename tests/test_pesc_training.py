@@ -10,12 +10,14 @@ import torch
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
+from moe_app.checkpoint.pesc import load_pesc_full, load_pesc_model
+from moe_app.core.moe.losses import load_balancing_loss
+from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
+from moe_app.core.pesc.surgery import pesc_blocks
 from moe_app.errors import ConfigError
-from moe_app.moe.losses import load_balancing_loss
-from moe_app.training.lm import ModelSource
-from moe_app.training.optim import OptimConfig
-from moe_app.training.pesc import PescModule
-from moe_app.upcycling.pesc import PescConfig, is_pesc_trainable, load_pesc_full, load_pesc_model, pesc_blocks
+from moe_app.lightning.modules.lm import ModelSource
+from moe_app.lightning.modules.optim import OptimConfig
+from moe_app.lightning.modules.pesc import PescModule
 
 
 def _batches(n: int = 4, bsz: int = 2, seq: int = 12):
@@ -125,7 +127,7 @@ def test_trainable_only_lightning_checkpoint_restores_and_checks_keys(tiny_llama
     trainer.fit(module, train_dataloaders=DataLoader(_batches(2), batch_size=None))
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     ckpt = torch.load(tmp_path / "a.ckpt", weights_only=True)
-    assert ckpt["hyper_parameters"]["_class_path"] == "moe_app.training.pesc.PescModule"
+    assert ckpt["hyper_parameters"]["_class_path"] == "moe_app.lightning.modules.pesc.PescModule"
     fresh = _module(tiny_llama_dir)
     fresh.configure_model()
     fresh.on_load_checkpoint(ckpt)

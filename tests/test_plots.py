@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from moe_app.plots import (
+from moe_app.lightning.plots import (
     latest_metrics_csv,
     plot_expert_load,
     plot_loss_curves,

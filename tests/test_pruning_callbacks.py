@@ -10,21 +10,21 @@ import torch
 
 import moe_app
 from conftest import tiny_llama_config
-from moe_app.callbacks.pruning import BlockDrop, ExpertPruning, ExpertSkipping, LayerDrop
-from moe_app.data.datamodule import InstructionDataModule
-from moe_app.data.sources import SourceConfig
+from moe_app.checkpoint.model_dir import save_moe_checkpoint
+from moe_app.core.data.sources import SourceConfig
+from moe_app.core.pruning import CalibrationConfig, moe_layer_views
+from moe_app.core.upcycling import UpcycleConfig
 from moe_app.errors import MoeAppError
-from moe_app.io.checkpoint import save_moe_checkpoint
-from moe_app.pruning import CalibrationConfig, moe_layer_views
-from moe_app.training.lm import ModelSource
-from moe_app.training.moe import MoeLMModule
-from moe_app.training.optim import OptimConfig
-from moe_app.upcycling import UpcycleConfig
+from moe_app.lightning.callbacks.pruning import BlockDrop, ExpertPruning, ExpertSkipping, LayerDrop
+from moe_app.lightning.data.instruction import InstructionDataModule
+from moe_app.lightning.modules.lm import ModelSource
+from moe_app.lightning.modules.moe import MoeLMModule
+from moe_app.lightning.modules.optim import OptimConfig
 from upcycling_helpers import build, upcycled
 
 
 def test_callbacks_prune_skip_and_drop_after_fit(tmp_path):
-    from moe_app.data.tokenizer import suite_tokenizer
+    from moe_app.core.data.tokenizer import suite_tokenizer
 
     tok = suite_tokenizer()
     dense = build(tiny_llama_config(vocab_size=len(tok)))

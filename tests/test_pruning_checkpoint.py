@@ -11,20 +11,19 @@ from torch.testing import assert_close
 
 import moe_app
 from conftest import tiny_llama_config
-from moe_app.cli import main
-from moe_app.errors import MoeAppError
-from moe_app.io.checkpoint import save_moe_checkpoint
-from moe_app.io.spec import SPEC_FILE
-from moe_app.pruning import (
+from moe_app.checkpoint.model_dir import save_moe_checkpoint
+from moe_app.checkpoint.pruning import PruneJob, prune_checkpoint
+from moe_app.cli.main import main
+from moe_app.core.pruning import (
     CalibrationConfig,
     ExpertPruneConfig,
-    PruneJob,
     calibration_batches,
     moe_layer_views,
-    prune_checkpoint,
     prune_experts,
 )
-from moe_app.upcycling import UpcycleConfig
+from moe_app.core.spec import SPEC_FILE
+from moe_app.core.upcycling import UpcycleConfig
+from moe_app.errors import MoeAppError
 from upcycling_helpers import build, upcycled
 
 CALIB = CalibrationConfig(data="builtin:arithmetic", num_samples=8, max_length=32, batch_size=4)
@@ -32,7 +31,7 @@ CALIB = CalibrationConfig(data="builtin:arithmetic", num_samples=8, max_length=3
 
 @pytest.fixture(scope="module")
 def tok():
-    from moe_app.data.tokenizer import suite_tokenizer
+    from moe_app.core.data.tokenizer import suite_tokenizer
 
     return suite_tokenizer()
 

@@ -10,10 +10,9 @@ from torch.testing import assert_close
 
 import moe_app
 from conftest import tiny_llama_config
-from moe_app.errors import MoeAppError
-from moe_app.io.checkpoint import save_moe_checkpoint
-from moe_app.io.spec import SPEC_FILE
-from moe_app.pruning import (
+from moe_app.checkpoint.model_dir import save_moe_checkpoint
+from moe_app.core.models.views import clone_model
+from moe_app.core.pruning import (
     block_drop_scores,
     drop_blocks,
     drop_mlp_layers,
@@ -21,10 +20,11 @@ from moe_app.pruning import (
     moe_layer_views,
     replace_dropped_mlps,
 )
-from moe_app.pruning.calibration import normalize_batches
-from moe_app.pruning.drop import most_similar
-from moe_app.pruning.views import clone_model
-from moe_app.upcycling import UpcycleConfig
+from moe_app.core.pruning.calibration import normalize_batches
+from moe_app.core.pruning.drop import most_similar
+from moe_app.core.spec import SPEC_FILE
+from moe_app.core.upcycling import UpcycleConfig
+from moe_app.errors import MoeAppError
 from upcycling_helpers import build, logits, tokens, upcycled
 
 

@@ -9,7 +9,8 @@ import torch
 from torch.testing import assert_close
 
 from conftest import tiny_llama_config
-from moe_app.pruning import (
+from moe_app.core.models.views import clone_model
+from moe_app.core.pruning import (
     EnumerationConfig,
     ExpertPruneConfig,
     keep_experts,
@@ -20,12 +21,11 @@ from moe_app.pruning import (
     subset_losses,
     subset_losses_naive,
 )
-from moe_app.pruning.calibration import capture_block_io, normalize_batches
-from moe_app.pruning.enumerate import all_subsets, sample_subsets
-from moe_app.pruning.experts import reconstruction_loss
-from moe_app.pruning.saliency import top_experts
-from moe_app.pruning.views import clone_model
-from moe_app.upcycling import UpcycleConfig
+from moe_app.core.pruning.calibration import capture_block_io, normalize_batches
+from moe_app.core.pruning.enumerate import all_subsets, sample_subsets
+from moe_app.core.pruning.experts import reconstruction_loss
+from moe_app.core.pruning.saliency import top_experts
+from moe_app.core.upcycling import UpcycleConfig
 from upcycling_helpers import build, logits, tokens, upcycled
 
 
@@ -175,7 +175,7 @@ def test_large_search_samples_subsets_and_says_so(caplog):
     views, io = _io(model, _batches(n=1))
     lay, view = views[0]
     xs, zs = io[lay]
-    with caplog.at_level(logging.WARNING, logger="moe_app.pruning"):
+    with caplog.at_level(logging.WARNING, logger="moe_app.core.pruning"):
         choice = search_layer(view, xs, zs, 4, EnumerationConfig(max_subsets=10))
     assert choice.how == "sample" and choice.evaluated == 10
     assert "sampled subsets" in caplog.text
@@ -187,7 +187,7 @@ def test_large_search_samples_subsets_and_says_so(caplog):
     assert full.loss <= choice.loss * (1 + 1e-12)
     freq = top_experts(saliency_scores(view, xs, "frequency"), 4)
     assert choice.loss <= reconstruction_loss(view, xs, zs, freq) * (1 + 1e-12)  # saliency choices included
-    with caplog.at_level(logging.WARNING, logger="moe_app.pruning"):
+    with caplog.at_level(logging.WARNING, logger="moe_app.core.pruning"):
         fb = search_layer(view, xs, zs, 4, EnumerationConfig(max_subsets=10, fallback="reap"))
     assert fb.how == "reap" and "using reap saliency" in caplog.text
 
@@ -258,7 +258,8 @@ def test_global_expert_drop_keeps_a_total_budget():
 
 @pytest.mark.parametrize("variant", ("adapter", "lora"))
 def test_pesc_blocks_view_oracle_and_keep(variant):
-    from moe_app.upcycling.pesc import PescConfig, build_pesc
+    from moe_app.core.pesc.config import PescConfig
+    from moe_app.core.pesc.surgery import build_pesc
 
     model = build_pesc(
         build(tiny_llama_config()).double(), PescConfig(variant=variant, num_experts=4, top_k=2)

@@ -8,11 +8,11 @@ from torch.testing import assert_close
 
 import moe_app
 from conftest import tiny_llama_config
+from moe_app.checkpoint.model_dir import save_moe_checkpoint
+from moe_app.core.pruning import apply_skipping, calibrate_skipping, moe_layer_views, skip_rates
+from moe_app.core.pruning.calibration import normalize_batches
+from moe_app.core.upcycling import UpcycleConfig
 from moe_app.errors import MoeAppError
-from moe_app.io.checkpoint import save_moe_checkpoint
-from moe_app.pruning import apply_skipping, calibrate_skipping, moe_layer_views, skip_rates
-from moe_app.pruning.calibration import normalize_batches
-from moe_app.upcycling import UpcycleConfig
 from upcycling_helpers import build, logits, tokens, upcycled
 
 

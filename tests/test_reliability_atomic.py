@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama_config
-from moe_app.utils.atomic import atomic_directory
+from moe_app.core.utils.atomic import atomic_directory
 
 
 class Killed(BaseException):
@@ -36,13 +36,13 @@ def truncating_save_file(tensors, filename, metadata=None):
 
 def interrupt_weight_writes(monkeypatch) -> None:
     monkeypatch.setattr("transformers.modeling_utils.safe_save_file", truncating_save_file)
-    monkeypatch.setattr("moe_app.io.shards.save_file", truncating_save_file)
+    monkeypatch.setattr("moe_app.checkpoint.shards.save_file", truncating_save_file)
     monkeypatch.setattr("safetensors.torch.save_file", truncating_save_file)
 
 
 def no_cleanup(monkeypatch) -> None:
     """A SIGKILL runs no ``except``/``finally``: leave the staging directory behind."""
-    monkeypatch.setattr("moe_app.utils.atomic.shutil.rmtree", lambda *a, **k: None)
+    monkeypatch.setattr("moe_app.core.utils.atomic.shutil.rmtree", lambda *a, **k: None)
 
 
 def staging_dirs(final: Path) -> list[Path]:
@@ -96,26 +96,26 @@ def _dense(tmp_path: Path):
 
 
 def _moe(tmp_path: Path):
-    from moe_app.upcycling import upcycle
-    from moe_app.upcycling.config import UpcycleConfig
+    from moe_app.core.upcycling import upcycle
+    from moe_app.core.upcycling.config import UpcycleConfig
 
     return upcycle(_dense(tmp_path), UpcycleConfig(method="copy", num_experts=4, top_k=2))
 
 
 def write_dense(model, out: Path) -> None:
-    from moe_app.io.pretrained import save_pretrained_dir
+    from moe_app.checkpoint.pretrained import save_pretrained_dir
 
     save_pretrained_dir(model, out)
 
 
 def write_moe(model, out: Path) -> None:
-    from moe_app.io.checkpoint import save_moe_checkpoint
+    from moe_app.checkpoint.model_dir import save_moe_checkpoint
 
     save_moe_checkpoint(model, out)
 
 
 def write_export(model, out: Path) -> None:
-    from moe_app.io.export import export_checkpoint
+    from moe_app.checkpoint.export import export_checkpoint
 
     export_checkpoint(model, out, format="mixtral")
 
@@ -176,7 +176,9 @@ def test_rewrite_killed_midway_keeps_the_previous_complete_version(tmp_path, mon
 
 def test_pesc_adapter_dir_killed_midway_is_refused(tmp_path, monkeypatch):
     from moe_app import load_model
-    from moe_app.upcycling.pesc import PescConfig, build_pesc, load_pesc_model, save_pesc_adapters
+    from moe_app.checkpoint.pesc import load_pesc_model, save_pesc_adapters
+    from moe_app.core.pesc.config import PescConfig
+    from moe_app.core.pesc.surgery import build_pesc
 
     base = tmp_path / "base"
     write_dense(_dense(tmp_path), base)
@@ -197,7 +199,7 @@ def test_pesc_adapter_dir_killed_midway_is_refused(tmp_path, monkeypatch):
 
 
 def test_atomic_checkpoint_io_keeps_last_ckpt_when_a_save_dies(tmp_path, monkeypatch):
-    from moe_app.callbacks.reliability import AtomicCheckpointIO
+    from moe_app.lightning.callbacks.reliability import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "checkpoints" / "last.ckpt"
@@ -220,8 +222,8 @@ def test_atomic_checkpoint_io_keeps_last_ckpt_when_a_save_dies(tmp_path, monkeyp
 
 
 def test_atomic_checkpoint_io_refuses_pickled_objects(tmp_path):
-    from moe_app.callbacks.reliability import AtomicCheckpointIO
     from moe_app.errors import ConfigError
+    from moe_app.lightning.callbacks.reliability import AtomicCheckpointIO
 
     path = tmp_path / "evil.ckpt"
     torch.save({"state": Path("x")}, path)  # a non-tensor object: needs the pickle machinery
@@ -235,14 +237,15 @@ def test_atomic_checkpoint_io_refuses_pickled_objects(tmp_path):
 def test_lightning_trainer_uses_the_atomic_writer_from_the_cli_defaults():
     from jsonargparse import Namespace
 
-    from moe_app.callbacks.reliability import default_trainer_plugins
+    from moe_app.lightning.callbacks.reliability import default_trainer_plugins
 
     cfg = Namespace(plugins=None, strategy="auto")
     default_trainer_plugins(cfg)
     assert cfg.plugins[0].class_path.endswith("AtomicCheckpointIO")
     # moe-app's FSDP writes one full checkpoint on rank 0 through the CheckpointIO: atomic too
     fsdp = Namespace(
-        plugins=None, strategy=Namespace(class_path="moe_app.training.fsdp.DecoderLayerFSDPStrategy")
+        plugins=None,
+        strategy=Namespace(class_path="moe_app.lightning.strategies.fsdp.DecoderLayerFSDPStrategy"),
     )
     default_trainer_plugins(fsdp)
     assert fsdp.plugins[0].class_path.endswith("AtomicCheckpointIO")

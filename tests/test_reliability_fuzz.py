@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_app.data.formats import Example, parse_record
-from moe_app.data.sources import SourceConfig, load_examples
+from moe_app.core.data.formats import Example, parse_record
+from moe_app.core.data.sources import SourceConfig, load_examples
 from moe_app.errors import DataError
 from reliability_helpers import build_cache, cache_env
 
@@ -93,7 +93,7 @@ _line = st.one_of(
 def tokenizer(tmp_path_factory):
     cache = build_cache(tmp_path_factory.mktemp("moe_app_cache"))
     with cache_env(cache):
-        from moe_app.data.tokenizer import suite_tokenizer
+        from moe_app.core.data.tokenizer import suite_tokenizer
 
         return suite_tokenizer()
 
@@ -129,7 +129,7 @@ def test_fuzzed_files_give_examples_or_a_data_error(lines, suffix, fmt, policy):
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(record=_record | _good, fmt=st.sampled_from(FORMATS))
 def test_fuzzed_records_parse_and_tokenise_or_give_a_data_error(tokenizer, record, fmt):
-    from moe_app.data.templates import encode_examples
+    from moe_app.core.data.templates import encode_examples
 
     try:
         ex = parse_record(record, fmt, where="fuzz record 7")

@@ -2,7 +2,7 @@
 
 NaNs are injected by tiny test-only subclasses of the real training module (a poisoned gradient
 after backward, a poisoned auxiliary loss), trained in-process for a few steps; the CLI path
-(exit code 2, one line) is run in-process through ``moe_app.cli.main`` with an absurd learning rate.
+(exit code 2, one line) is run in-process through ``moe_app.cli.main.main`` with an absurd learning rate.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import TINY_DECODER
-from moe_app.callbacks.reliability import NonFiniteError, NumericalGuard
 from moe_app.errors import MoeAppError
-from moe_app.training.lm import CausalLMModule, ModelSource
-from moe_app.training.optim import OptimConfig
+from moe_app.lightning.callbacks.reliability import NonFiniteError, NumericalGuard
+from moe_app.lightning.modules.lm import CausalLMModule, ModelSource
+from moe_app.lightning.modules.optim import OptimConfig
 from reliability_helpers import ARCH, CONFIGS, FAST, build_cache, cache_env
 
 POISONED = "model.model.layers.1.mlp.down_proj.weight"
@@ -38,7 +38,7 @@ def _cache_env(cache):
 @pytest.fixture(scope="module")
 def dm(cache):
     """One data module for all runs here: its tokenised rows are built once."""
-    from moe_app.data.datamodule import InstructionDataModule
+    from moe_app.lightning.data.instruction import InstructionDataModule
 
     return InstructionDataModule(
         tokenizer="builtin", batch_size=4, max_length=48, max_eval_examples_per_source=2
@@ -139,7 +139,7 @@ def test_module_own_loss_check_still_saves_the_diagnostic_checkpoint(tmp_path, d
 
 
 def test_cli_reports_non_finite_loss_in_one_line_with_exit_code_2(tmp_path, capsys):
-    from moe_app.cli import main
+    from moe_app.cli.main import main
 
     rc = main(
         [

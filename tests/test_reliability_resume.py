@@ -5,7 +5,7 @@ run parked mid-step after ``last.ckpt`` of step 4 (``PauseAt``) and SIGKILLed th
 restart with ``--ckpt_path last``. The final ``model/*.safetensors`` of the restart must equal the
 uninterrupted run's exactly (CPU, ``trainer.deterministic``). Validation every 3 steps and a
 sanity check make the runs consume randomness outside the training steps differently, which is
-what :class:`~moe_app.callbacks.reliability.TrainingRNG` must absorb; the SIGTERM test checks
+what :class:`~moe_app.lightning.callbacks.reliability.TrainingRNG` must absorb; the SIGTERM test checks
 the graceful path the same way.
 """
 
@@ -51,10 +51,10 @@ def cache(tmp_path_factory) -> Path:
 def moe_dir(tmp_path_factory, dense_dir) -> Path:
     """A tiny upcycled MoE dir (what ``fit -c configs/tiny/upcycle.yaml`` writes), for the mixture run."""
     from moe_app import load_model
-    from moe_app.io.checkpoint import save_moe_checkpoint
-    from moe_app.io.hub import load_tokenizer
-    from moe_app.upcycling import upcycle
-    from moe_app.upcycling.config import UpcycleConfig
+    from moe_app.checkpoint.hub import load_tokenizer
+    from moe_app.checkpoint.model_dir import save_moe_checkpoint
+    from moe_app.core.upcycling import upcycle
+    from moe_app.core.upcycling.config import UpcycleConfig
 
     moe = upcycle(load_model(dense_dir), UpcycleConfig(method="copy", num_experts=4, top_k=2))
     out = tmp_path_factory.mktemp("moe") / "model"

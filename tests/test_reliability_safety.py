@@ -5,7 +5,7 @@ An AST scan of ``src/`` refuses the unsafe forms (``pickle``/``dill``/``joblib``
 ``weights_only=False``, ``trust_remote_code=True``, ``allow_pickle=True``,
 ``safe_serialization=False`` / ``use_safetensors=False``, ``eval``/``exec``); the loaders refuse
 pickle weights; remote code is off by default everywhere it can be switched on; and
-:func:`moe_app.utils.paths.resolve_output_path` keeps configured outputs inside the run directory.
+:func:`moe_app.core.utils.paths.resolve_output_path` keeps configured outputs inside the run directory.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def test_no_unsafe_forms_in_src():
 
 def test_remote_code_is_off_by_default_everywhere():
     from moe_app import load_model
-    from moe_app.io.hub import load_hf_causal_lm, load_tokenizer
-    from moe_app.training.lm import ModelSource
+    from moe_app.checkpoint.hub import load_hf_causal_lm, load_tokenizer
+    from moe_app.lightning.modules.lm import ModelSource
 
     for fn in (load_model, load_hf_causal_lm, load_tokenizer):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn
@@ -120,7 +120,7 @@ def test_pickle_weights_are_refused(tmp_path, tiny_llama_dir):
 
 def test_lightning_checkpoints_load_weights_only(tmp_path):
     """A checkpoint carrying an arbitrary object is refused by the CLI's checkpoint reader."""
-    from moe_app.callbacks.reliability import AtomicCheckpointIO
+    from moe_app.lightning.callbacks.reliability import AtomicCheckpointIO
 
     class Payload:
         def __reduce__(self):
@@ -137,7 +137,7 @@ def test_lightning_checkpoints_load_weights_only(tmp_path):
 
 
 def test_relative_outputs_resolve_inside_the_run_dir(tmp_path):
-    from moe_app.utils.paths import resolve_output_path
+    from moe_app.core.utils.paths import resolve_output_path
 
     run = tmp_path / "run"
     assert resolve_output_path("model", run) == (run / "model").resolve()
@@ -148,8 +148,8 @@ def test_relative_outputs_resolve_inside_the_run_dir(tmp_path):
 
 @pytest.mark.parametrize("value", ["../model", "a/../../x", "../../../../etc/passwd"])
 def test_dotdot_escapes_are_refused(tmp_path, value):
+    from moe_app.core.utils.paths import resolve_output_path
     from moe_app.errors import ConfigError
-    from moe_app.utils.paths import resolve_output_path
 
     with pytest.raises(ConfigError, match="escapes the run directory") as info:
         resolve_output_path(value, tmp_path / "run", key="model.init_args.save_dir")
@@ -157,8 +157,8 @@ def test_dotdot_escapes_are_refused(tmp_path, value):
 
 
 def test_symlink_escape_is_refused(tmp_path):
+    from moe_app.core.utils.paths import resolve_output_path
     from moe_app.errors import ConfigError
-    from moe_app.utils.paths import resolve_output_path
 
     run = tmp_path / "run"
     run.mkdir()
@@ -168,8 +168,8 @@ def test_symlink_escape_is_refused(tmp_path):
 
 
 def test_absolute_outside_needs_explicit_permission(tmp_path):
+    from moe_app.core.utils.paths import resolve_output_path
     from moe_app.errors import ConfigError
-    from moe_app.utils.paths import resolve_output_path
 
     outside = tmp_path / "exports" / "m"
     with pytest.raises(ConfigError, match="outside the run directory"):

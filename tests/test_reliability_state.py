@@ -10,9 +10,9 @@ import io
 
 import torch
 
-from moe_app.callbacks.reliability import TrainingRNG
-from moe_app.data.collate import SeededShuffleSampler
-from moe_app.data.resumable import ResumableDataLoader
+from moe_app.core.data.collate import SeededShuffleSampler
+from moe_app.lightning.callbacks.reliability import TrainingRNG
+from moe_app.lightning.data.resumable import ResumableDataLoader
 
 
 def roundtrip(obj):

@@ -22,10 +22,10 @@ def tripwire(monkeypatch, tmp_path):
     def trip(*args, **kwargs):
         raise HeavyWorkStarted
 
-    monkeypatch.setattr("moe_app.data.datamodule.InstructionDataModule.setup", trip)
-    monkeypatch.setattr("moe_app.data.datamodule.InstructionDataModule.prepare_data", trip)
-    monkeypatch.setattr("moe_app.training.lm.CausalLMModule.configure_model", trip)
-    monkeypatch.setattr("moe_app.training.lm.CausalLMModule.load_base_model", trip)
+    monkeypatch.setattr("moe_app.lightning.data.instruction.InstructionDataModule.setup", trip)
+    monkeypatch.setattr("moe_app.lightning.data.instruction.InstructionDataModule.prepare_data", trip)
+    monkeypatch.setattr("moe_app.lightning.modules.lm.CausalLMModule.configure_model", trip)
+    monkeypatch.setattr("moe_app.lightning.modules.lm.CausalLMModule.load_base_model", trip)
 
 
 CASES = {
@@ -47,7 +47,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_config_errors_are_reported_before_heavy_work(case, tripwire, tmp_path, capsys):
-    from moe_app.cli import main
+    from moe_app.cli.main import main
 
     config, args, needle = CASES[case]
     argv = ["fit", "-c", str(CONFIGS / config), "--trainer.default_root_dir", str(tmp_path / "run"), *args]

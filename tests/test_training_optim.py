@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from moe_app.errors import ConfigError
-from moe_app.training.optim import OptimConfig, build_optimizer, lr_multiplier
-from moe_app.training.report import DomainReport
+from moe_app.lightning.modules.optim import OptimConfig, build_optimizer, lr_multiplier
+from moe_app.lightning.modules.report import DomainReport
 
 
 def test_warmup_then_cosine_reaches_min_ratio():

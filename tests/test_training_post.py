@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moe_app.data.datamodule import InstructionDataModule
-from moe_app.data.sources import SourceConfig
+from moe_app.core.data.sources import SourceConfig
+from moe_app.core.upcycling.config import UpcycleConfig
 from moe_app.errors import CheckpointError
-from moe_app.training.lm import ModelSource
-from moe_app.training.moe import MoeLMModule
-from moe_app.training.post import PostTrainModule, check_init_from
-from moe_app.upcycling.config import UpcycleConfig
+from moe_app.lightning.data.instruction import InstructionDataModule
+from moe_app.lightning.modules.lm import ModelSource
+from moe_app.lightning.modules.moe import MoeLMModule
+from moe_app.lightning.modules.post import PostTrainModule, check_init_from
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_moe_module_refuses_dense_source_without_upcycle(dense_dir: Path):
 
 
 def test_router_freezing_freezes_only_routers(stage1_dir: Path):
-    from moe_app.training.moe import FreezeConfig
+    from moe_app.lightning.modules.moe import FreezeConfig
 
     module = PostTrainModule(init_from=str(stage1_dir), freeze=FreezeConfig(router=True))
     module.configure_model()

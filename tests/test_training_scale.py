@@ -8,9 +8,9 @@ import lightning as L
 import pytest
 import torch
 
-from moe_app.training.lm import ModelSource
-from moe_app.training.moe import MoeLMModule
-from moe_app.upcycling.config import UpcycleConfig
+from moe_app.core.upcycling.config import UpcycleConfig
+from moe_app.lightning.modules.lm import ModelSource
+from moe_app.lightning.modules.moe import MoeLMModule
 
 
 def _module(dense: Path, checkpointing: bool) -> MoeLMModule:
@@ -53,8 +53,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(suite_dense_
 def _fit_upcycled(dense: Path, root: Path, precision: str, **trainer_kwargs) -> tuple[L.Trainer, MoeLMModule]:
     """3 optimiser steps of a 4-expert copy-upcycled model on the sorting domain; the model
     directory is written to ``root / "model"``."""
-    from moe_app.data.datamodule import InstructionDataModule
-    from moe_app.data.sources import SourceConfig
+    from moe_app.core.data.sources import SourceConfig
+    from moe_app.lightning.data.instruction import InstructionDataModule
 
     src = [SourceConfig(name="sorting", builtin="sorting", builtin_train_size=64, builtin_eval_size=4)]
     module = MoeLMModule(

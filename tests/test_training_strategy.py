@@ -9,8 +9,8 @@ from jsonargparse import Namespace
 from transformers import AutoModelForCausalLM
 
 from moe_app.errors import ConfigError
-from moe_app.training.fsdp import check_shardable, decoder_layer_classes, meta_skeleton
-from moe_app.training.strategy import FSDP_CLASS, check_strategy
+from moe_app.lightning.strategies.checks import FSDP_CLASS, check_strategy
+from moe_app.lightning.strategies.fsdp import check_shardable, decoder_layer_classes, meta_skeleton
 
 
 @pytest.mark.parametrize("name", ["fsdp", "FSDP", "fsdp2"])
@@ -68,7 +68,7 @@ def test_strategy_instances_and_attribute_configs_are_checked_too():
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from moe_app.training.fsdp import DecoderLayerFSDPStrategy
+    from moe_app.lightning.strategies.fsdp import DecoderLayerFSDPStrategy
 
     with pytest.raises(ConfigError, match="FSDP1"):
         check_strategy(SimpleNamespace(strategy=FSDPStrategy(), accelerator="gpu"))
@@ -106,7 +106,8 @@ def test_meta_skeleton_copies_structure_not_storage_and_reloads_exactly(tiny_lla
 
 def test_4bit_weights_are_refused_by_fsdp_with_the_ddp_fix(tiny_llama_dir):
     pytest.importorskip("bitsandbytes")
-    from moe_app.upcycling.pesc import PescConfig, build_pesc
+    from moe_app.core.pesc.config import PescConfig
+    from moe_app.core.pesc.surgery import build_pesc
 
     model = build_pesc(
         AutoModelForCausalLM.from_pretrained(tiny_llama_dir),

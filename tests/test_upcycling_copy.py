@@ -8,12 +8,12 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_llama_config
+from moe_app.core.moe.block import SparseMoeBlock
+from moe_app.core.upcycling import UpcycleConfig, upcycle
+from moe_app.core.upcycling.config import parse_layer_selection
+from moe_app.core.upcycling.copy import drop_indices
+from moe_app.core.upcycling.rng import layer_generator
 from moe_app.errors import ConfigError, UnsupportedModelError
-from moe_app.moe.block import SparseMoeBlock
-from moe_app.upcycling import UpcycleConfig, upcycle
-from moe_app.upcycling.config import parse_layer_selection
-from moe_app.upcycling.copy import drop_indices
-from moe_app.upcycling.rng import layer_generator
 from upcycling_helpers import build, logits, tokens, upcycled
 
 TOL = dict(rtol=1e-5, atol=1e-5)

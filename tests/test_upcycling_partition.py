@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from conftest import tiny_llama_config
+from moe_app.core.upcycling import UpcycleConfig
+from moe_app.core.upcycling.kmeans import balanced_assign, balanced_kmeans
+from moe_app.core.upcycling.partition import split_neurons
+from moe_app.core.upcycling.rng import layer_generator
 from moe_app.errors import ConfigError
-from moe_app.upcycling import UpcycleConfig
-from moe_app.upcycling.kmeans import balanced_assign, balanced_kmeans
-from moe_app.upcycling.partition import split_neurons
-from moe_app.upcycling.rng import layer_generator
 from upcycling_helpers import build, logits, qwen2_config, tokens, upcycled
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -134,7 +134,7 @@ def test_kmeans_router_init_points_at_hidden_state_clusters():
     w = moe.model.layers[1].mlp.router.weight  # (E, d)
     assert_close(w.norm(dim=-1), torch.full((4,), 0.02 * 32**0.5), **TOL)
     # the router sends each captured hidden state to its nearest (cosine) centroid
-    from moe_app.upcycling.calibration import capture_inputs, normalize_batches
+    from moe_app.core.upcycling.calibration import capture_inputs, normalize_batches
 
     x = capture_inputs(dense, [1], normalize_batches(calib), 10_000)[1]
     lab, cent = balanced_kmeans(x, 4, cfg.kmeans_iters, generator=layer_generator(0, 1, "kmeans"))

@@ -10,12 +10,12 @@ from torch.testing import assert_close
 
 import moe_app
 from conftest import save_tiny_model, tiny_llama_config
-from moe_app.io.checkpoint import save_moe_checkpoint
-from moe_app.io.hub import load_hf_causal_lm
-from moe_app.io.shards import load_all, shard_files
-from moe_app.io.spec import SPEC_FILE
-from moe_app.upcycling import UpcycleConfig, upcycle
-from moe_app.upcycling.streaming import StreamingUnsupported, upcycle_checkpoint_streaming
+from moe_app.checkpoint.hub import load_hf_causal_lm
+from moe_app.checkpoint.model_dir import save_moe_checkpoint
+from moe_app.checkpoint.shards import load_all, shard_files
+from moe_app.checkpoint.streaming import StreamingUnsupported, upcycle_checkpoint_streaming
+from moe_app.core.spec import SPEC_FILE
+from moe_app.core.upcycling import UpcycleConfig, upcycle
 from upcycling_helpers import logits, tokens
 
 
@@ -69,7 +69,7 @@ def test_streaming_refuses_data_driven_methods(sharded_llama, tmp_path):
 
 # ------------------------------------------------------------------------- the CLI command
 def _cli(*argv) -> int:
-    from moe_app.cli import main
+    from moe_app.cli.main import main
 
     return main([str(a) for a in argv])
 
@@ -132,7 +132,7 @@ def test_cli_upcycle_gpt2_is_unsupported(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_upcycle_importance_with_file_calibration(tmp_path, capsys):
     """In-memory path with calibration text from a .jsonl file and the model's own tokenizer."""
-    from moe_app.data.tokenizer import suite_tokenizer
+    from moe_app.core.data.tokenizer import suite_tokenizer
 
     tok = suite_tokenizer(cache_dir=str(tmp_path / "tokcache"))
     src = save_tiny_model(tiny_llama_config(vocab_size=len(tok)), tmp_path / "src")
@@ -172,7 +172,7 @@ def test_cli_upcycle_importance_with_file_calibration(tmp_path, capsys):
 
 
 def test_builtin_calibration_texts_come_from_the_offline_suite():
-    from moe_app.upcycling.calibration_data import calibration_texts
+    from moe_app.core.upcycling.calibration_data import calibration_texts
 
     texts = calibration_texts("builtin")
     assert len(texts) > 100 and all(isinstance(t, str) and t for t in texts)

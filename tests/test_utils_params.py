@@ -5,9 +5,9 @@ from __future__ import annotations
 from tests.conftest import tiny_llama_config
 from transformers import AutoModelForCausalLM, MixtralConfig
 
-from moe_app.upcycling import upcycle
-from moe_app.upcycling.config import UpcycleConfig
-from moe_app.utils.params import count_parameters, human
+from moe_app.core.upcycling import upcycle
+from moe_app.core.upcycling.config import UpcycleConfig
+from moe_app.core.utils.params import count_parameters, human
 
 
 def test_stock_mixtral_counts_k_of_e_experts_as_active():

@@ -26,7 +26,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def upcycled(dense, cfg, calibration=None):
-    from moe_app.upcycling import upcycle
+    from moe_app.core.upcycling import upcycle
 
     return upcycle(copy.deepcopy(dense), cfg, calibration).eval()
 

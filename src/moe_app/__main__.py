@@ -1,4 +1,4 @@
-from moe_app.cli import main
+from moe_app.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""moe-app checkpoint directories: save and load.
+
+Layout (DESIGN.md contract)::
+
+    DIR/config.json                      the base model's config (unchanged architecture)
+    DIR/generation_config.json           if the base has one
+    DIR/moe_app.json                     the surgery (io/spec.py): per-layer MoE shapes, lineage, ...
+    DIR/model-0000i-of-0000n.safetensors
+    DIR/model.safetensors.index.json
+    DIR/tokenizer files                  if a tokenizer was given / present in the source
+
+Saving is atomic (``atomic_directory``). Loading builds the base from ``config.json`` without weight
+initialisation, rebuilds the MoE modules from ``moe_app.json`` (structure only), then loads the
+safetensors shard by shard and checks the key sets strictly: a missing or unexpected key is an
+error naming the keys, never a silently random weight. Tied weights (``tie_word_embeddings``) are
+saved once and re-tied by the model, as transformers does. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_app.checkpoint.hub import copy_tokenizer_files, load_hf_causal_lm, resolve_dtype
+from moe_app.checkpoint.shards import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ShardWriter,
+    checkpoint_dtype,
+    load_shard,
+    shard_files,
+)
+from moe_app.core.spec import SPEC_FILE, MoeSpec
+from moe_app.core.utils.atomic import atomic_directory
+from moe_app.errors import CheckpointError
+
+SPEC_ATTR = "moe_app_spec"
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` without aliases of an earlier entry (tied embeddings are saved once).
+
+    Tied parameters are the same ``Parameter`` object, so identity (not storage pointers, which
+    meta tensors lack) decides what is an alias.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        out[k] = v.detach()
+    return out
+
+
+def is_moe_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / SPEC_FILE).is_file()
+
+
+def current_spec(model: nn.Module, spec: MoeSpec | None = None) -> MoeSpec:
+    """``spec`` (or ``model.moe_app_spec``) with its structure refreshed from the live modules."""
+    from moe_app.core.upcycling.skeleton import describe_structure, skipping_from_model
+
+    spec = spec if spec is not None else getattr(model, SPEC_ATTR, None)
+    if spec is None:
+        raise CheckpointError(
+            "the model carries no moe-app surgery description (model.moe_app_spec)",
+            where="save_moe_checkpoint",
+            fix="create the model with moe_app.core.upcycling.upcycle / moe_app.load_model, or pass spec=",
+        )
+    spec.layers = describe_structure(model, spec)
+    spec.skipping = skipping_from_model(model)
+    return spec
+
+
+def save_moe_checkpoint(
+    model: nn.Module,
+    out_dir: str | Path,
+    spec: MoeSpec | None = None,
+    tokenizer: Any = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    stage: str | None = None,
+    stage_config: dict[str, Any] | None = None,
+    lineage: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write ``model`` as a moe-app checkpoint dir, atomically; returns the final path.
+
+    ``tokenizer`` is saved with ``save_pretrained``; alternatively ``tokenizer_dir`` names a dir
+    whose tokenizer files are copied verbatim. ``stage`` appends a lineage entry before saving;
+    ``lineage`` (a full stage list, e.g. from a training run) is merged in, entries already
+    recorded are not repeated.
+    """
+    spec = current_spec(model, spec)
+    for entry in lineage or []:
+        if entry not in spec.lineage:
+            spec.lineage.append(entry)
+    if stage:
+        spec.add_stage(stage, stage_config)
+    return write_model_dir(
+        out_dir,
+        model.config,
+        unique_state_dict(model).items(),
+        generation_config=getattr(model, "generation_config", None),
+        tokenizer=tokenizer,
+        tokenizer_dir=tokenizer_dir,
+        max_shard_size=max_shard_size,
+        extra=spec.save,
+    )
+
+
+def write_model_dir(
+    out_dir: str | Path,
+    config: Any,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    generation_config: Any = None,
+    tokenizer: Any = None,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    extra: Callable[[Path], Any] | None = None,
+) -> Path:
+    """An HF-style model directory, written atomically; returns its path.
+
+    ``config.json``, the generation config (a bad one is skipped, not fatal), sharded safetensors
+    of ``tensors``, the tokenizer (``save_pretrained``, or the files copied from
+    ``tokenizer_dir``), then ``extra(staging_dir)`` for files of the caller's own (``moe_app.json``).
+    """
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        config.save_pretrained(tmp)
+        if generation_config is not None:
+            with contextlib.suppress(ValueError, OSError):
+                generation_config.save_pretrained(tmp)
+        writer = ShardWriter(tmp, max_shard_size)
+        for k, v in tensors:
+            writer.add(k, v)
+        writer.close()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        elif tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+        if extra is not None:
+            extra(tmp)
+    return out_dir
+
+
+def build_empty_model(
+    config: Any, spec: MoeSpec | None, dtype: torch.dtype, trust_remote_code: bool = False
+) -> nn.Module:
+    """The base model from ``config`` plus the MoE structure of ``spec``, weights uninitialised."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from moe_app.core.upcycling.skeleton import apply_structure
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    if spec is not None:
+        apply_structure(model, spec)
+        if spec.adapters:
+            _apply_adapters(model, spec.adapters)
+        setattr(model, SPEC_ATTR, spec)
+    return model
+
+
+# Adapter kinds recorded in moe_app.json's ``adapters`` slot -> "module:function" that rebuilds them.
+ADAPTER_SKELETONS = {"pesc": "moe_app.core.pesc.surgery:pesc_skeleton"}
+
+
+def _apply_adapters(model: nn.Module, slot: dict[str, Any]) -> None:
+    import importlib
+
+    kind = slot.get("kind") if isinstance(slot, dict) else None
+    target = ADAPTER_SKELETONS.get(str(kind))
+    if target is None:
+        raise CheckpointError(
+            f"unknown adapters kind {kind!r}",
+            where=SPEC_FILE,
+            fix=f"known kinds: {', '.join(ADAPTER_SKELETONS)}; upgrade moe-app if the checkpoint is newer",
+        )
+    module, fn = target.split(":")
+    getattr(importlib.import_module(module), fn)(model, slot)
+
+
+def load_state_dict_strict(model: nn.Module, ckpt_dir: str | Path) -> None:
+    """Load every shard into ``model``; raise ``CheckpointError`` naming missing/unexpected keys."""
+    expected = set(unique_state_dict(model))
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for f in shard_files(ckpt_dir):
+        tensors = load_shard(f)
+        unexpected += [k for k in tensors if k not in expected]
+        tensors = {k: v for k, v in tensors.items() if k in expected}
+        seen.update(tensors)
+        try:
+            model.load_state_dict(tensors, strict=False)
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"tensor shapes do not match the model built from config.json + {SPEC_FILE}: {e}",
+                where=str(f),
+                fix="the weights and the surgery file disagree; regenerate the checkpoint",
+            ) from e
+        del tensors
+    missing = sorted(expected - seen)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(
+                f"missing keys ({len(missing)}): {missing[:8]}" + (" ..." if len(missing) > 8 else "")
+            )
+        if unexpected:
+            u = sorted(unexpected)
+            parts.append(f"unexpected keys ({len(u)}): {u[:8]}" + (" ..." if len(u) > 8 else ""))
+        raise CheckpointError(
+            "; ".join(parts),
+            where=str(ckpt_dir),
+            fix=f"the safetensors do not match config.json + {SPEC_FILE}; regenerate or repair the checkpoint",
+        )
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A ready ``PreTrainedModel`` (eval mode) from a moe-app checkpoint dir or a plain HF model.
+
+    For a moe-app dir the MoE structure is rebuilt from ``moe_app.json`` and the weights are
+    loaded strictly; skipping thresholds are applied to the routers. Anything else is loaded with
+    ``AutoModelForCausalLM.from_pretrained`` (``trust_remote_code`` off unless asked). ``dtype``
+    defaults to the checkpoint's.
+    """
+    p = Path(path).expanduser()
+    from moe_app.checkpoint.pesc import is_pesc_adapter_dir, load_pesc_model
+
+    if is_pesc_adapter_dir(p):  # PESC adapter-only dir: base model + adapters and routers on top
+        return load_pesc_model(p, dtype=dtype, device=device)
+    if not is_moe_checkpoint(p):
+        return load_hf_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device)
+    from transformers import AutoConfig
+
+    if not (p / "config.json").is_file():
+        raise CheckpointError(
+            "missing config.json (the base model's config)",
+            where=str(p),
+            fix="copy the base model's config.json into the checkpoint dir, or regenerate it",
+        )
+    spec = MoeSpec.load(p)
+    config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+    resolved = resolve_dtype(dtype)
+    if resolved in (None, "auto"):
+        resolved = checkpoint_dtype(p) or torch.float32
+    model = build_empty_model(config, spec, resolved, trust_remote_code)
+    load_state_dict_strict(model, p)
+    if device is not None:
+        model.to(device)
+    return model.eval()

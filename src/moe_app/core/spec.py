@@ -1,0 +1,244 @@
+"""The ``moe_app.json`` surgery description stored in every moe-app checkpoint directory.
+
+A moe-app checkpoint is the base model's ``config.json`` (unchanged, so the base class can be rebuilt
+from it) plus this file, which says how the base was turned into a Mixture-of-Experts: per decoder
+layer, whether its MLP and/or attention is an MoE and with which shape (experts, top-k, routing
+rule, scale, expert size, shared expert). It is per layer so that later stages can make layers
+differ (expert pruning keeps a different number of experts per layer, Lu et al. 2024). Slots for
+later stages: ``adapters`` (PESC, Wu et al. 2024), ``pruning``, ``skipping`` (``{layer: beta}``)
+and ``lineage`` (every stage that produced the checkpoint, with its config and data).
+
+``load_model`` rebuilds the module structure from this file alone (no weight init), then loads the
+safetensors strictly; so the file records *structure*, and provenance (method, split) only as
+information.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from moe_app.core.moe.router import ROUTING_RULES
+from moe_app.errors import CheckpointError
+
+SPEC_FILE = "moe_app.json"
+FORMAT = "moe-app"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MlpMoeSpec:
+    """Shape of one MLP Mixture-of-Experts block (a ``SparseMoeBlock``)."""
+
+    num_experts: int
+    """Routed experts ``E`` in this layer."""
+    top_k: int
+    """Experts per token ``k``."""
+    rule: str
+    """Routing rule, one of ``moe_app.core.moe.router.ROUTING_RULES``."""
+    scale: float
+    """Multiplier ``s`` on the combined routed output."""
+    expert_intermediate_size: int
+    """Intermediate size ``F`` of every routed expert."""
+    shared_intermediate_size: int = 0
+    """Intermediate size of the always-on shared expert; 0 = none."""
+    shared_gate: bool = False
+    """Whether the shared expert has a sigmoid gate (Qwen2-MoE style)."""
+    noisy_gating: bool = False
+    """Router has a ``noise_weight`` (LLaMA-MoE v1 noisy gating, training only)."""
+    jitter: float = 0.0
+    """Router input jitter (training only)."""
+    method: str | None = None
+    """Provenance: the upcycling method that built the experts (information only)."""
+    split: str | None = None
+    """Provenance: the neuron split for ``partition`` (information only)."""
+
+    def __post_init__(self) -> None:
+        if self.rule not in ROUTING_RULES:
+            raise CheckpointError(
+                f"unknown routing rule {self.rule!r}", where=SPEC_FILE, fix=f"use one of {ROUTING_RULES}"
+            )
+        if not 1 <= self.top_k <= self.num_experts:
+            raise CheckpointError(
+                f"top_k={self.top_k} not in [1, num_experts={self.num_experts}]",
+                where=SPEC_FILE,
+                fix="repair the layer spec",
+            )
+        if self.expert_intermediate_size < 1 or self.shared_intermediate_size < 0:
+            raise CheckpointError(
+                "expert sizes must be positive", where=SPEC_FILE, fix="repair the layer spec"
+            )
+
+
+@dataclass
+class AttentionMoeSpec:
+    """Shape of one attention MoE (LLaMA-MoE v2): experts are the GQA key/value groups."""
+
+    num_experts: int
+    """Attention experts = number of key/value head groups."""
+    top_k: int
+    """Groups per token."""
+    rule: str
+    """Routing rule."""
+    scale: float
+    """Multiplier on the combined attention output."""
+
+    def __post_init__(self) -> None:
+        if self.rule not in ROUTING_RULES or not 1 <= self.top_k <= self.num_experts:
+            raise CheckpointError(
+                f"invalid attention MoE spec {asdict(self)}", where=SPEC_FILE, fix="repair the layer spec"
+            )
+
+
+@dataclass
+class LayerSpec:
+    """One decoder layer: ``mlp``/``attention`` are ``None`` where the layer stays dense."""
+
+    index: int
+    mlp: MlpMoeSpec | None = None
+    attention: AttentionMoeSpec | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.mlp is not None or self.attention is not None
+
+
+@dataclass
+class MoeSpec:
+    """Everything ``moe_app.json`` holds."""
+
+    base_architecture: str
+    """The base model's class name, e.g. ``LlamaForCausalLM``."""
+    base_model_type: str
+    """The base config's ``model_type``, e.g. ``llama``."""
+    layers: list[LayerSpec]
+    """One entry per decoder layer, in order."""
+    source: str | None = None
+    """Where the dense base came from (path or hub id)."""
+    adapters: dict[str, Any] | None = None
+    """Free slot for adapter stages (PESC)."""
+    pruning: dict[str, Any] | None = None
+    """Free slot for expert pruning state (kept experts per layer, method)."""
+    skipping: dict[int, float] = field(default_factory=dict)
+    """Dynamic skipping thresholds ``{layer: beta}`` applied to the layer's MLP router on load."""
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    """Stages that produced this checkpoint: ``{stage, time, config, data}``."""
+    format_version: int = FORMAT_VERSION
+    """Version of this schema."""
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.layers)
+
+    def moe_layers(self) -> list[int]:
+        return [lay.index for lay in self.layers if lay.mlp is not None]
+
+    def add_stage(self, stage: str, config: dict[str, Any] | None = None, data: Any = None) -> None:
+        """Append a lineage entry stamped with the current UTC time."""
+        self.lineage.append(
+            {
+                "stage": stage,
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "config": config or {},
+                "data": data,
+            }
+        )
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "base": {
+                "architecture": self.base_architecture,
+                "model_type": self.base_model_type,
+                "num_hidden_layers": self.num_hidden_layers,
+                "source": self.source,
+            },
+            "layers": [
+                {
+                    "index": lay.index,
+                    "mlp": asdict(lay.mlp) if lay.mlp is not None else None,
+                    "attention": asdict(lay.attention) if lay.attention is not None else None,
+                }
+                for lay in self.layers
+            ],
+            "adapters": self.adapters,
+            "pruning": self.pruning,
+            "skipping": {str(k): float(v) for k, v in sorted(self.skipping.items())},
+            "lineage": self.lineage,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = SPEC_FILE) -> MoeSpec:
+        if d.get("format") != FORMAT:
+            raise CheckpointError(
+                f"not a moe-app surgery file (format={d.get('format')!r})",
+                where=where,
+                fix="point at a directory written by `moe-app upcycle` or `save_moe_checkpoint`",
+            )
+        version = int(d.get("format_version", 0))
+        if version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"format_version {version} is newer than this moe-app understands ({FORMAT_VERSION})",
+                where=where,
+                fix="upgrade moe-app",
+            )
+        try:
+            base = d["base"]
+            layers = []
+            for i, lay in enumerate(d["layers"]):
+                if int(lay["index"]) != i:
+                    raise CheckpointError(f"layers[{i}] has index {lay['index']}", where=where)
+                layers.append(
+                    LayerSpec(
+                        index=i,
+                        mlp=MlpMoeSpec(**lay["mlp"]) if lay.get("mlp") else None,
+                        attention=AttentionMoeSpec(**lay["attention"]) if lay.get("attention") else None,
+                    )
+                )
+            return cls(
+                base_architecture=base["architecture"],
+                base_model_type=base["model_type"],
+                layers=layers,
+                source=base.get("source"),
+                adapters=d.get("adapters"),
+                pruning=d.get("pruning"),
+                skipping={int(k): float(v) for k, v in (d.get("skipping") or {}).items()},
+                lineage=list(d.get("lineage") or []),
+                format_version=version,
+            )
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"malformed surgery file ({type(e).__name__}: {e})",
+                where=where,
+                fix="regenerate the checkpoint or repair the JSON against the documented schema",
+            ) from e
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / SPEC_FILE
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> MoeSpec:
+        path = Path(directory) / SPEC_FILE
+        if not path.is_file():
+            raise CheckpointError(
+                f"missing {SPEC_FILE}",
+                where=str(directory),
+                fix="this is not a moe-app checkpoint; create one with `moe-app upcycle`",
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(
+                f"invalid JSON ({e})", where=str(path), fix="repair or regenerate the file"
+            ) from e
+        return cls.from_dict(data, where=str(path))

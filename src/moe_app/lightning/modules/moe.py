@@ -1,0 +1,231 @@
+"""MoE training modules: upcycling with continual pre-training, and MoE fine-tuning in general.
+
+``MoeLMModule`` trains any MoE model moe-app can load (a moe-app checkpoint from ``moe-app
+upcycle``, or a dense checkpoint upcycled on the fly when ``upcycle`` is given) with
+
+    loss = LM loss + balance_coef * L_balance + z_coef * L_z [+ cv_coef * L_cv]
+
+where the router losses are the core's (``moe_app.core.moe.losses``), averaged over MoE layers, with
+padding excluded. Unlike the PESC and LLaMA-MoE v2 reference code, ``L_balance`` uses the full
+softmax for ``P_e`` so it is not a constant (ALGORITHMS.md section 1).
+
+Per-layer expert load (share of routed tokens per expert) is logged every ``log_load_every_n_steps``
+steps, and the router can be frozen (LLaMA-MoE v1 SFT froze the gate; post-training stages choose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from moe_app.core.upcycling.config import UpcycleConfig
+from moe_app.errors import ConfigError
+from moe_app.lightning.modules.lm import CausalLMModule, GenerationConfig, ModelSource
+from moe_app.lightning.modules.optim import OptimConfig
+
+
+@dataclass
+class RouterLossConfig:
+    """Auxiliary router losses (coefficients; 0 disables a loss)."""
+
+    balance: float = 0.01
+    """Switch/GShard load-balancing loss ``E * sum_e f_e P_e`` (OLMoE 0.01; Mixtral/Qwen3 0.001)."""
+    z: float = 0.001
+    """ST-MoE router z-loss ``mean(logsumexp(z)^2)``."""
+    cv: float = 0.0
+    """LLaMA-MoE v1's ``CV^2(importance) + CV^2(load)`` loss (they used 0.01)."""
+
+    def __post_init__(self) -> None:
+        for name in ("balance", "z", "cv"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"router_losses.{name} must be >= 0, got {getattr(self, name)}.")
+
+
+@dataclass
+class FreezeConfig:
+    """Which parameter groups are frozen during this stage."""
+
+    router: bool = False
+    """Freeze the routers (LLaMA-MoE v1 SFT froze the gate). Only router parameters are matched,
+    not the experts' W_gate (the reference's name-based freezing froze both by accident)."""
+    experts: bool = False
+    """Freeze the routed experts."""
+    attention: bool = False
+    """Freeze attention projections."""
+    embeddings: bool = False
+    """Freeze token embeddings and the LM head."""
+
+
+class MoeLMModule(CausalLMModule):
+    """Continual pre-training / fine-tuning of a Mixture-of-Experts LM.
+
+    Args:
+        source: the model: a moe-app checkpoint (already MoE) or a dense checkpoint plus ``upcycle``.
+        upcycle: surgery to apply to a dense ``source`` before training; ``null`` when the source is
+            already an MoE.
+        router_losses: auxiliary loss coefficients.
+        freeze: parameter groups to freeze.
+        log_load_every_n_steps: how often the per-layer expert load is logged.
+    """
+
+    def __init__(
+        self,
+        source: ModelSource,
+        upcycle: UpcycleConfig | None = None,
+        router_losses: RouterLossConfig | None = None,
+        freeze: FreezeConfig | None = None,
+        log_load_every_n_steps: int = 50,
+        optim: OptimConfig | None = None,
+        generation: GenerationConfig | None = None,
+        save_dir: str | None = "model",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(source=source, optim=optim, generation=generation, save_dir=save_dir, seed=seed)
+        self.upcycle_cfg = upcycle
+        self.router_losses = router_losses or RouterLossConfig()
+        self.freeze = freeze or FreezeConfig()
+        self.log_load_every_n_steps = log_load_every_n_steps
+        self.hparams.update(
+            {
+                "upcycle": asdict(upcycle) if upcycle is not None else None,
+                "router_losses": asdict(self.router_losses),
+                "freeze": asdict(self.freeze),
+                "log_load_every_n_steps": log_load_every_n_steps,
+            }
+        )
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> torch.nn.Module:
+        from moe_app.core.moe.block import find_moe_blocks
+
+        model = self.load_base_model()
+        already_moe = any(True for _ in find_moe_blocks(model))
+        if self.upcycle_cfg is not None:
+            if already_moe:
+                raise ConfigError(
+                    f"model.source.pretrained={self.source.pretrained!r} is already a Mixture-of-Experts, "
+                    "but an upcycle section is configured.",
+                    where="model.upcycle",
+                    fix="set --model.init_args.upcycle null to continue training the MoE, or start from a "
+                    "dense checkpoint",
+                )
+            from moe_app.core.upcycling import upcycle
+
+            calibration = self._calibration_batches() if self.upcycle_cfg.needs_calibration else None
+            model = upcycle(model, self.upcycle_cfg, calibration=calibration)
+        elif not already_moe:
+            raise ConfigError(
+                f"model.source.pretrained={self.source.pretrained!r} is a dense model and no upcycle section "
+                "is configured.",
+                where="model.upcycle",
+                fix="add an upcycle section (see configs/tiny/upcycle.yaml) or run `moe-app upcycle` first",
+            )
+        self._apply_freezing(model)
+        return model
+
+    def _calibration_batches(self, n: int = 8) -> list[dict[str, Tensor]]:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            raise ConfigError(
+                "this upcycling needs calibration data (importance split or kmeans router init) but no data "
+                "module is available.",
+                fix="run through `moe-app fit` with a data section, or use `moe-app upcycle --calibration`",
+            )
+        batches = []
+        for i, batch in enumerate(dm.train_dataloader()):
+            if i >= n:
+                break
+            batches.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+        return batches
+
+    def _apply_freezing(self, model: torch.nn.Module) -> None:
+        f = self.freeze
+        for name, p in model.named_parameters():
+            if (
+                (f.router and ".router." in name)
+                or (f.experts and (".experts." in name or ".shared_expert." in name))
+                or (f.attention and ".self_attn." in name and ".router." not in name)
+                or (f.embeddings and ("embed_tokens" in name or "lm_head" in name))
+            ):
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ losses and logging
+    def extra_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        from moe_app.core.moe.losses import model_router_losses
+
+        rl = self.router_losses
+        kinds = tuple(k for k, c in (("balance", rl.balance), ("z", rl.z), ("cv", rl.cv)) if c > 0)
+        if not kinds:
+            return {}
+        mask = batch["attention_mask"].reshape(-1).bool()  # (T,)
+        raw = model_router_losses(self.model, mask, kinds=kinds)
+        return {f"{k}_loss": getattr(rl, k) * v for k, v in raw.items()}
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        n = self.log_load_every_n_steps
+        if n <= 0 or self.global_step % n != 0:
+            return
+        from moe_app.core.moe.block import find_moe_blocks
+
+        mask = batch["attention_mask"].reshape(-1).bool()  # (T,)
+        for i, (name, block) in enumerate(find_moe_blocks(self.model)):
+            r = block.last_routing
+            if r is None or r.indices.shape[0] != mask.shape[0]:
+                continue
+            idx = r.indices[mask]
+            idx = idx[idx >= 0]
+            load = torch.bincount(idx, minlength=r.num_experts).float()
+            load = load / load.sum().clamp_min(1.0)  # (E,)
+            layer = _layer_tag(name, i)
+            for e, v in enumerate(load.tolist()):
+                self.log(f"load/{layer}/e{e}", v, batch_size=batch["input_ids"].shape[0])
+            self.log(
+                f"load/{layer}/max_over_mean", float(load.max() * r.num_experts), batch_size=mask.shape[0]
+            )
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        from moe_app.core.moe.block import find_moe_blocks
+
+        blocks = list(find_moe_blocks(self.model))
+        rank_zero_info(
+            f"[moe-app] {len(blocks)} MoE blocks; "
+            + ", ".join(
+                f"{_layer_tag(n, i)}: {b.num_experts} experts top-{b.top_k}"
+                for i, (n, b) in enumerate(blocks[:4])
+            )
+            + (" ..." if len(blocks) > 4 else "")
+        )
+
+    # ------------------------------------------------------------------ saving
+    def lineage_entry(self) -> dict[str, Any]:
+        entry = super().lineage_entry()
+        if self.upcycle_cfg is not None:
+            entry["stage"] = f"upcycle:{self.upcycle_cfg.method}"
+            entry["upcycle"] = asdict(self.upcycle_cfg)
+        else:
+            entry["stage"] = "moe_train"
+        return entry
+
+    def save_model_dir(self, path: Path, model: torch.nn.Module | None = None) -> None:
+        from moe_app.checkpoint.model_dir import save_moe_checkpoint
+
+        save_moe_checkpoint(
+            model if model is not None else self.model, path, tokenizer=self.tokenizer, lineage=self.lineage()
+        )
+
+
+def _layer_tag(name: str, i: int) -> str:
+    parts = name.split(".")
+    if "layers" in parts:
+        j = parts.index("layers")
+        if j + 1 < len(parts):
+            kind = "attn" if "self_attn" in parts else "mlp"
+            return f"L{parts[j + 1]}_{kind}"
+    return f"moe{i}"
