@@ -75,7 +75,7 @@ class PauseUntilStopRequested(L.Callback):
         self.marker = marker
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        from moe_app.lightning.callbacks.reliability import GracefulStop
+        from moe_app.lightning.callbacks.signals import GracefulStop
 
         if trainer.global_step != self.step:
             return

@@ -55,7 +55,7 @@ def _trainer(tmp_path, steps: int = 3) -> L.Trainer:
 
 @pytest.mark.parametrize("save_full", [False, True])
 def test_fit_trains_only_pesc_params_and_saves_a_reloadable_model(tiny_llama_dir, tmp_path, save_full):
-    module = _module(tiny_llama_dir, balance_loss_coef=0.01)
+    module = _module(tiny_llama_dir, router_losses={"balance": 0.01, "z": 0.0})
     module.save_full = save_full
     trainer = _trainer(tmp_path)
     trainer.fit(module, train_dataloaders=DataLoader(_batches(), batch_size=None))
@@ -76,24 +76,24 @@ def test_fit_trains_only_pesc_params_and_saves_a_reloadable_model(tiny_llama_dir
 
 
 def test_balance_loss_excludes_padding_and_reaches_the_router(tiny_llama_dir):
-    module = _module(tiny_llama_dir, balance_loss_coef=0.5, z_loss_coef=0.1)
+    module = _module(tiny_llama_dir, router_losses={"balance": 0.5, "z": 0.1})
     module.configure_model()
     batch = _batches(1)[0]
     module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     losses = module.extra_losses(batch)
-    assert set(losses) == {"router_balance_loss", "router_z_loss"}
+    assert set(losses) == {"balance_loss", "z_loss"}
     mask = batch["attention_mask"].reshape(-1)
     per_layer = [
         load_balancing_loss(b.last_routing.probs, b.last_routing.indices, 4, mask)
         for _, b in pesc_blocks(module.model)
     ]
-    assert_close(losses["router_balance_loss"], 0.5 * torch.stack(per_layer).mean())
+    assert_close(losses["balance_loss"], 0.5 * torch.stack(per_layer).mean())
     unmasked = [
         load_balancing_loss(b.last_routing.probs, b.last_routing.indices, 4)
         for _, b in pesc_blocks(module.model)
     ]
     assert not torch.allclose(torch.stack(per_layer), torch.stack(unmasked))
-    losses["router_balance_loss"].backward()
+    losses["balance_loss"].backward()
     router = module.model.model.layers[0].mlp.router.weight
     assert router.grad is not None and router.grad.abs().sum() > 0
 

@@ -199,7 +199,7 @@ def test_pesc_adapter_dir_killed_midway_is_refused(tmp_path, monkeypatch):
 
 
 def test_atomic_checkpoint_io_keeps_last_ckpt_when_a_save_dies(tmp_path, monkeypatch):
-    from moe_app.lightning.callbacks.reliability import AtomicCheckpointIO
+    from moe_app.lightning.checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "checkpoints" / "last.ckpt"
@@ -223,7 +223,7 @@ def test_atomic_checkpoint_io_keeps_last_ckpt_when_a_save_dies(tmp_path, monkeyp
 
 def test_atomic_checkpoint_io_refuses_pickled_objects(tmp_path):
     from moe_app.errors import ConfigError
-    from moe_app.lightning.callbacks.reliability import AtomicCheckpointIO
+    from moe_app.lightning.checkpoint_io import AtomicCheckpointIO
 
     path = tmp_path / "evil.ckpt"
     torch.save({"state": Path("x")}, path)  # a non-tensor object: needs the pickle machinery
@@ -237,7 +237,7 @@ def test_atomic_checkpoint_io_refuses_pickled_objects(tmp_path):
 def test_lightning_trainer_uses_the_atomic_writer_from_the_cli_defaults():
     from jsonargparse import Namespace
 
-    from moe_app.lightning.callbacks.reliability import default_trainer_plugins
+    from moe_app.lightning.checkpoint_io import default_trainer_plugins
 
     cfg = Namespace(plugins=None, strategy="auto")
     default_trainer_plugins(cfg)

@@ -16,7 +16,7 @@ import torch
 
 from conftest import TINY_DECODER
 from moe_app.errors import MoeAppError
-from moe_app.lightning.callbacks.reliability import NonFiniteError, NumericalGuard
+from moe_app.lightning.callbacks.guard import NonFiniteError, NumericalGuard
 from moe_app.lightning.modules.lm import CausalLMModule, ModelSource
 from moe_app.lightning.modules.optim import OptimConfig
 from reliability_helpers import ARCH, CONFIGS, FAST, build_cache, cache_env

@@ -5,7 +5,7 @@ run parked mid-step after ``last.ckpt`` of step 4 (``PauseAt``) and SIGKILLed th
 restart with ``--ckpt_path last``. The final ``model/*.safetensors`` of the restart must equal the
 uninterrupted run's exactly (CPU, ``trainer.deterministic``). Validation every 3 steps and a
 sanity check make the runs consume randomness outside the training steps differently, which is
-what :class:`~moe_app.lightning.callbacks.reliability.TrainingRNG` must absorb; the SIGTERM test checks
+what :class:`~moe_app.lightning.callbacks.rng.TrainingRNG` must absorb; the SIGTERM test checks
 the graceful path the same way.
 """
 

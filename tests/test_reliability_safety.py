@@ -120,7 +120,7 @@ def test_pickle_weights_are_refused(tmp_path, tiny_llama_dir):
 
 def test_lightning_checkpoints_load_weights_only(tmp_path):
     """A checkpoint carrying an arbitrary object is refused by the CLI's checkpoint reader."""
-    from moe_app.lightning.callbacks.reliability import AtomicCheckpointIO
+    from moe_app.lightning.checkpoint_io import AtomicCheckpointIO
 
     class Payload:
         def __reduce__(self):

@@ -11,7 +11,7 @@ import io
 import torch
 
 from moe_app.core.data.collate import SeededShuffleSampler
-from moe_app.lightning.callbacks.reliability import TrainingRNG
+from moe_app.lightning.callbacks.rng import TrainingRNG
 from moe_app.lightning.data.resumable import ResumableDataLoader
 
 

@@ -65,7 +65,37 @@ def test_lineage_records_every_stage_with_its_data(stage1_dir: Path):
     last = spec["lineage"][-1]
     assert last["global_step"] == 3
     assert last["init_from"].endswith("upcycle/model")
-    assert last["data"]["sources"][0]["name"] == "arithmetic"
+    assert last["data"] == {
+        "class": "InstructionDataModule",
+        "sources": [{"name": "arithmetic", "from": "arithmetic"}],
+    }
+
+
+def test_lineage_records_the_final_mixture_weights(stage1_dir: Path, tmp_path: Path):
+    """A stage trained on a dynamic mixture records the weights in force when the model was written."""
+    from moe_app.core.mixing.config import MixtureConfig
+    from moe_app.lightning.data.mixture import MixtureDataModule
+
+    sources = [
+        SourceConfig(name=n, builtin=n, builtin_train_size=32, builtin_eval_size=8)
+        for n in ("arithmetic", "strings", "sorting")
+    ]
+    dm = MixtureDataModule(
+        sources=sources,
+        max_length=48,
+        batch_size=4,
+        mixture=MixtureConfig(strategy="dynamic", update_every=1, probe_size=4, eta=20.0, plot=False),
+    )
+    stage2 = PostTrainModule(init_from=str(stage1_dir), stage="post_stage2", requires_stage="post_stage1")
+    _trainer(tmp_path, 3).fit(stage2, datamodule=dm)
+    lineage = json.loads((tmp_path / "model" / "moe_app.json").read_text())["lineage"]
+    assert [e["stage"] for e in lineage][-3:] == ["upcycle:copy", "post_stage1", "post_stage2"]
+    data = lineage[-1]["data"]
+    final = dm.named_weights()
+    assert data["strategy"] == "dynamic" and data["sources"] == ["arithmetic", "strings", "sorting"]
+    assert data["updates"] >= 1 and data["updates"] == len(dm.history) - 1
+    assert data["weights"] == final
+    assert len(set(final.values())) > 1  # dynamic: the updates moved the weights off uniform
 
 
 def test_stage2_starts_from_exactly_stage1_weights(stage1_dir: Path):
@@ -93,13 +123,14 @@ def test_stage2_refuses_missing_config_and_missing_shards(stage1_dir: Path, tmp_
     broken = tmp_path / "broken"
     shutil.copytree(stage1_dir, broken)
     (broken / "config.json").unlink()
-    with pytest.raises(CheckpointError, match=r"config\.json is missing"):
+    with pytest.raises(CheckpointError, match=r"missing config\.json") as err:
         check_init_from(broken)
+    assert "point init_from at the `model` directory" in str(err.value)
     broken2 = tmp_path / "broken2"
     shutil.copytree(stage1_dir, broken2)
     for f in broken2.glob("model-*.safetensors"):
         f.unlink()
-    with pytest.raises(CheckpointError, match=r"weight shards .* are missing"):
+    with pytest.raises(CheckpointError, match=r"shard file\(s\) .* are missing"):
         check_init_from(broken2)
 
 

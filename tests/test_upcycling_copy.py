@@ -91,7 +91,7 @@ def test_layer_selection_forms():
 
 
 def test_config_refusals():
-    with pytest.raises(ConfigError, match=r"top_k=5 > num_experts=4"):
+    with pytest.raises(ConfigError, match=r"top_k=5 is not in \[1, num_experts=4\]"):
         UpcycleConfig(num_experts=4, top_k=5)
     with pytest.raises(ConfigError, match="unknown method"):
         UpcycleConfig(method="clone")

@@ -102,7 +102,7 @@ def test_cli_upcycle_streaming_and_load(sharded_llama, tmp_path, capsys):
 def test_cli_upcycle_bad_input_exit_2_nothing_written(sharded_llama, tmp_path, capsys):
     out = tmp_path / "moe"
     cases = [
-        (["--num_experts", 4, "--top_k", 5], "top_k=5 > num_experts=4"),
+        (["--num_experts", 4, "--top_k", 5], "top_k=5 is not in [1, num_experts=4]"),
         (["--method", "partition", "--num_experts", 3, "--top_k", 1], "d_ff=64 is not divisible"),
         (
             ["--method", "partition", "--split", "importance", "--num_experts", 4, "--top_k", 2],

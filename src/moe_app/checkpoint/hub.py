@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from moe_app.checkpoint.names import CONFIG_FILE
 from moe_app.errors import CheckpointError
 
 TOKENIZER_FILES = (
@@ -53,21 +54,25 @@ def is_local(name_or_path: str | Path) -> bool:
 
 
 def check_local_model_dir(path: str | Path) -> Path:
-    """Raise ``CheckpointError`` unless ``path`` is a dir with ``config.json`` and safetensors weights."""
-    from moe_app.checkpoint.shards import shard_files
+    """Raise ``CheckpointError`` unless ``path`` is a dir with ``config.json`` and readable safetensors.
+
+    Every weight file listed (index or single file) must exist and its header must parse and cover
+    the file: a missing, truncated or corrupt shard is reported by name before any heavy work.
+    """
+    from moe_app.checkpoint.shards import verify_shards
 
     p = Path(path).expanduser()
     if not p.is_dir():
         raise CheckpointError(
             "directory not found", where=str(p), fix="check the path (or pass a hub id like org/name)"
         )
-    if not (p / "config.json").is_file():
+    if not (p / CONFIG_FILE).is_file():
         raise CheckpointError(
-            "missing config.json",
+            f"missing {CONFIG_FILE}",
             where=str(p),
             fix="point at a Hugging Face model directory (save it with `model.save_pretrained(dir)`)",
         )
-    shard_files(p)  # raises with the missing file named
+    verify_shards(p)  # raises with the missing / truncated file named
     return p
 
 

@@ -4,7 +4,7 @@ Layout (DESIGN.md contract)::
 
     DIR/config.json                      the base model's config (unchanged architecture)
     DIR/generation_config.json           if the base has one
-    DIR/moe_app.json                     the surgery (io/spec.py): per-layer MoE shapes, lineage, ...
+    DIR/moe_app.json                     the surgery (core/spec.py): per-layer MoE shapes, lineage, ...
     DIR/model-0000i-of-0000n.safetensors
     DIR/model.safetensors.index.json
     DIR/tokenizer files                  if a tokenizer was given / present in the source
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from moe_app.checkpoint.hub import copy_tokenizer_files, load_hf_causal_lm, resolve_dtype
+from moe_app.checkpoint.names import CONFIG_FILE, SPEC_FILE
 from moe_app.checkpoint.shards import (
     DEFAULT_MAX_SHARD_SIZE,
     ShardWriter,
@@ -34,7 +35,7 @@ from moe_app.checkpoint.shards import (
     load_shard,
     shard_files,
 )
-from moe_app.core.spec import SPEC_FILE, MoeSpec
+from moe_app.core.spec import MoeSpec
 from moe_app.core.utils.atomic import atomic_directory
 from moe_app.errors import CheckpointError
 
@@ -93,13 +94,13 @@ def save_moe_checkpoint(
 
     ``tokenizer`` is saved with ``save_pretrained``; alternatively ``tokenizer_dir`` names a dir
     whose tokenizer files are copied verbatim. ``stage`` appends a lineage entry before saving;
-    ``lineage`` (a full stage list, e.g. from a training run) is merged in, entries already
-    recorded are not repeated.
+    ``lineage`` (a full stage list, e.g. from a training run) is merged in with
+    :func:`~moe_app.core.spec.merge_lineage`: entries already recorded are not repeated and the result
+    is in the order the stages happened. ``moe_app.json`` is the dir's only lineage store.
     """
     spec = current_spec(model, spec)
-    for entry in lineage or []:
-        if entry not in spec.lineage:
-            spec.lineage.append(entry)
+    # Time-ordered: the base's stages, then the surgery recorded while loading, then this stage.
+    spec.merge_lineage(lineage)
     if stage:
         spec.add_stage(stage, stage_config)
     return write_model_dir(
@@ -247,9 +248,9 @@ def load_model(
         return load_hf_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device)
     from transformers import AutoConfig
 
-    if not (p / "config.json").is_file():
+    if not (p / CONFIG_FILE).is_file():
         raise CheckpointError(
-            "missing config.json (the base model's config)",
+            f"missing {CONFIG_FILE} (the base model's config)",
             where=str(p),
             fix="copy the base model's config.json into the checkpoint dir, or regenerate it",
         )

@@ -16,15 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_app.checkpoint.names import PESC_ADAPTER_FILE, PESC_META
 from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
 from moe_app.core.pesc.quantize import model_is_quantized
 from moe_app.core.pesc.surgery import build_pesc, pesc_blocks, pesc_skeleton, pesc_spec_slot, pesc_state_dict
 from moe_app.errors import CheckpointError, ConfigError
 
-ADAPTER_FILE = "pesc_adapters.safetensors"
-
-
-ADAPTER_META = "pesc.json"
+ADAPTER_FILE = PESC_ADAPTER_FILE
+ADAPTER_META = PESC_META
 
 
 ADAPTER_FORMAT = "moe-app-pesc-adapters"

@@ -1,7 +1,10 @@
-"""Write a plain Hugging Face model directory atomically (dense models, stock HF MoE models).
+"""Write a plain Hugging Face model directory atomically (dense models, stock HF MoE models), and
+read the lineage of any model directory.
 
 MoE models built by moe-app are written by :mod:`moe_app.checkpoint.model_dir` instead, which adds the
 surgery description; this is the path for models that stock transformers describes completely.
+Where each kind of directory keeps its lineage is documented in :mod:`moe_app.checkpoint.names`:
+one place per directory, read by :func:`read_lineage` only.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from typing import Any
 
 from torch import nn
 
+from moe_app.checkpoint.names import LINEAGE_FILE, PESC_META, SPEC_FILE
+from moe_app.core.spec import merge_lineage
 from moe_app.core.utils.atomic import atomic_directory
 
-LINEAGE_FILE = "moe_app_lineage.json"
+__all__ = ["LINEAGE_FILE", "read_lineage", "save_pretrained_dir", "write_lineage_file"]
 
 
 def save_pretrained_dir(
@@ -26,7 +31,8 @@ def save_pretrained_dir(
 ) -> Path:
     """Save ``model`` (a PreTrainedModel) with safetensors, plus tokenizer and lineage, atomically.
 
-    ``lineage`` is the full list of stages that produced the model (see :func:`read_lineage`).
+    ``lineage`` is the full list of stages that produced the model (see :func:`read_lineage`); it
+    goes to :data:`~moe_app.checkpoint.names.LINEAGE_FILE`, which stock transformers ignores.
     """
     path = Path(path)
     with atomic_directory(path) as tmp:
@@ -34,18 +40,30 @@ def save_pretrained_dir(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if lineage is not None:
-            (tmp / LINEAGE_FILE).write_text(json.dumps({"lineage": lineage}, indent=2, default=str))
+            write_lineage_file(tmp, lineage)
     return path
 
 
+def write_lineage_file(directory: str | Path, lineage: list[dict[str, Any]]) -> Path:
+    """Write the lineage of a plain HF dir (time-ordered, UTC times) into ``directory``."""
+    f = Path(directory) / LINEAGE_FILE
+    f.write_text(json.dumps({"lineage": merge_lineage(lineage)}, indent=2, default=str) + "\n")
+    return f
+
+
 def read_lineage(path: str | Path) -> list[dict[str, Any]]:
-    """The lineage recorded in a model directory (moe-app checkpoint or plain HF dir), or ``[]``."""
+    """The lineage recorded in a model directory, or ``[]``.
+
+    A moe-app checkpoint's ``moe_app.json``, a PESC adapter dir's ``pesc.json`` or a plain HF dir's
+    ``moe_app_lineage.json``, whichever the dir has (in that order); entries time-ordered, UTC.
+    """
     path = Path(path)
-    for name in ("moe_app.json", LINEAGE_FILE):
+    for name in (SPEC_FILE, PESC_META, LINEAGE_FILE):
         f = path / name
-        if f.exists():
+        if f.is_file():
             try:
-                return list(json.loads(f.read_text()).get("lineage", []))
+                entries = json.loads(f.read_text()).get("lineage") or []
+                return merge_lineage([e for e in entries if isinstance(e, dict)])
             except (ValueError, AttributeError, TypeError):
                 return []
     return []

@@ -17,9 +17,7 @@ refused or failed run leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,18 +174,19 @@ def write_pruned(
             lineage=lineage,
         )
     from moe_app.checkpoint.hub import copy_tokenizer_files
-    from moe_app.checkpoint.pretrained import LINEAGE_FILE, read_lineage
+    from moe_app.checkpoint.pretrained import read_lineage, write_lineage_file
+    from moe_app.core.spec import utc_now
     from moe_app.core.utils.atomic import atomic_directory
 
     previous = list(lineage) if lineage is not None else (read_lineage(source_dir) if source_dir else [])
-    entry = {"stage": "prune", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": stage_config}
+    entry = {"stage": "prune", "time": utc_now(), "config": stage_config}
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         elif source_dir is not None:
             copy_tokenizer_files(source_dir, tmp)
-        (tmp / LINEAGE_FILE).write_text(json.dumps({"lineage": [*previous, entry]}, indent=2, default=str))
+        write_lineage_file(tmp, [*previous, entry])
     return out
 
 

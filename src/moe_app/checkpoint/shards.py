@@ -11,20 +11,21 @@ ever written or read: no pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from moe_app.checkpoint.names import INDEX_FILE, SINGLE_FILE
 from moe_app.errors import CheckpointError
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -145,17 +146,55 @@ def shard_files(ckpt_dir: str | Path) -> list[Path]:
     )
 
 
+@contextlib.contextmanager
+def open_shard(path: str | Path, device: str = "cpu") -> Iterator[Any]:
+    """``safe_open`` a safetensors file; a truncated or corrupt file is a ``CheckpointError`` naming it.
+
+    safetensors checks at open time that the header parses and that its offsets cover the file, so
+    a file cut short by an interrupted copy or download is caught here, before any tensor is read.
+    """
+    try:
+        handle = safe_open(str(path), framework="pt", device=device)
+    except (SafetensorError, OSError) as e:
+        raise corrupt_shard_error(path, e) from e
+    with handle as h:
+        yield h
+
+
+def corrupt_shard_error(path: str | Path, cause: BaseException) -> CheckpointError:
+    path = Path(path)
+    return CheckpointError(
+        f"{path.name} is truncated or corrupt ({cause})",
+        where=str(path),
+        fix="the file was cut short (an interrupted copy, download or write): copy it again from the "
+        "source, or regenerate the checkpoint",
+    )
+
+
+def verify_shards(ckpt_dir: str | Path) -> list[Path]:
+    """:func:`shard_files`, each opened once (header only, cheap) so that a bad file is named early."""
+    files = shard_files(ckpt_dir)
+    for f in files:
+        with open_shard(f):
+            pass
+    return files
+
+
 def iter_shards(ckpt_dir: str | Path) -> Iterator[tuple[Path, list[str]]]:
     """``(file, keys)`` per shard, without loading any tensor."""
     for f in shard_files(ckpt_dir):
-        with safe_open(str(f), framework="pt") as h:
-            yield f, list(h.keys())
+        with open_shard(f) as h:
+            keys = list(h.keys())
+        yield f, keys
 
 
 def load_shard(path: str | Path, device: str = "cpu") -> dict[str, Tensor]:
-    with safe_open(str(path), framework="pt", device=device) as h:
+    with open_shard(path, device=device) as h:
         keys = h.keys()
-        return {k: h.get_tensor(k) for k in keys}
+        try:
+            return {k: h.get_tensor(k) for k in keys}
+        except (SafetensorError, OSError) as e:
+            raise corrupt_shard_error(path, e) from e
 
 
 def load_all(ckpt_dir: str | Path) -> dict[str, Tensor]:
@@ -169,7 +208,7 @@ def load_all(ckpt_dir: str | Path) -> dict[str, Tensor]:
 def checkpoint_dtype(ckpt_dir: str | Path) -> torch.dtype | None:
     """The dtype of the first floating tensor in a checkpoint (cheap: header only)."""
     for f in shard_files(ckpt_dir):
-        with safe_open(str(f), framework="pt") as h:
+        with open_shard(f) as h:
             keys = h.keys()
             for k in keys:
                 dtype = h.get_slice(k).get_dtype()

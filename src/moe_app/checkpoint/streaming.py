@@ -19,11 +19,13 @@ in-memory surgery.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
 from moe_app.checkpoint.hub import check_local_model_dir, copy_tokenizer_files
 from moe_app.checkpoint.model_dir import unique_state_dict
@@ -52,6 +54,19 @@ def streaming_reason(cfg: UpcycleConfig) -> str | None:
     return None
 
 
+@dataclass
+class _Plan:
+    """What the conversion reads: the dense config, its structure on ``meta`` and the tensors on disk."""
+
+    src: Path
+    config: Any
+    meta: nn.Module
+    path: str
+    layers: list[nn.Module]
+    selected: list[int]
+    keys_by_shard: dict[Path, list[str]]
+
+
 def upcycle_checkpoint_streaming(
     src_dir: str | Path,
     out_dir: str | Path,
@@ -60,12 +75,34 @@ def upcycle_checkpoint_streaming(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     trust_remote_code: bool = False,
 ) -> MoeSpec:
-    """Convert the dense checkpoint in ``src_dir`` into a moe-app checkpoint in ``out_dir``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    """Convert the dense checkpoint in ``src_dir`` into a moe-app checkpoint in ``out_dir``.
+
+    Three steps: plan and check everything from metadata before any tensor is read
+    (:func:`_plan`), stream the tensors through the surgery into output shards
+    (:func:`_stream_tensors`), then describe and check the result from shapes alone (:func:`_result_spec`).
+    """
+    from transformers import GenerationConfig
 
     reason = streaming_reason(cfg)
     if reason:
         raise StreamingUnsupported(f"streaming conversion impossible: {reason}", fix="use in-memory surgery")
+    plan = _plan(src_dir, cfg, trust_remote_code)
+    with atomic_directory(Path(out_dir)) as tmp:
+        written = _stream_tensors(plan, cfg, ShardWriter(tmp, max_shard_size))
+        spec = _result_spec(plan, cfg, written, trust_remote_code)
+        spec.add_stage("upcycle", cfg.to_dict(), None)
+        plan.config.save_pretrained(tmp)
+        if (plan.src / "generation_config.json").is_file():
+            GenerationConfig.from_pretrained(str(plan.src)).save_pretrained(tmp)
+        copy_tokenizer_files(plan.src, tmp)
+        spec.save(tmp)
+    return spec
+
+
+def _plan(src_dir: str | Path, cfg: UpcycleConfig, trust_remote_code: bool) -> _Plan:
+    """Read the config and shard indices, check every selected MLP and that the keys match the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     src = check_local_model_dir(src_dir)
     config = AutoConfig.from_pretrained(str(src), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
@@ -75,99 +112,94 @@ def upcycle_checkpoint_streaming(
     for i in selected:
         gate, _, _ = dense_mlp_parts(layers[i], f"{path}.{i}")
         check_mlp_shape(cfg, gate.weight.shape[0], f"{path}.{i}.mlp")
-    dense_keys = set(unique_state_dict(meta))
-    on_disk: dict[str, Path] = {}
-    on_disk_keys: dict[Path, list[str]] = {}
+    keys_by_shard: dict[Path, list[str]] = {}
     for f in shard_files(src):
         with safe_open(str(f), framework="pt") as h:
-            on_disk_keys[f] = list(h.keys())
-        for k in on_disk_keys[f]:
-            on_disk[k] = f
-    if set(on_disk) != dense_keys:
-        diff = sorted(set(on_disk) ^ dense_keys)[:6]
+            keys_by_shard[f] = list(h.keys())
+    on_disk = {k for keys in keys_by_shard.values() for k in keys}
+    dense_keys = set(unique_state_dict(meta))
+    if on_disk != dense_keys:
+        diff = sorted(on_disk ^ dense_keys)[:6]
         raise StreamingUnsupported(
             f"on-disk keys differ from {type(meta).__name__}'s parameter names (e.g. {diff})",
             fix="use in-memory surgery (transformers converts these keys on load)",
         )
+    return _Plan(src, config, meta, path, list(layers), list(selected), keys_by_shard)
 
-    # The output structure, built on meta: the expected keys and the surgery description.
-    mlp_re = re.compile(rf"^{re.escape(path)}\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+
+def _stream_tensors(plan: _Plan, cfg: UpcycleConfig, writer: ShardWriter) -> set[str]:
+    """Copy every tensor to ``writer``; a selected layer's MLP becomes its experts once its three
+    weights have been read. Returns the names written."""
+    mlp_re = re.compile(rf"^{re.escape(plan.path)}\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+    selected = set(plan.selected)
     pending: dict[int, dict[str, Tensor]] = {}
     written: set[str] = set()
 
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
-        writer = ShardWriter(tmp, max_shard_size)
+    def emit(name: str, t: Tensor) -> None:
+        writer.add(name, t)
+        written.add(name)
 
-        def emit(name: str, t: Tensor) -> None:
-            writer.add(name, t)
-            written.add(name)
-
-        for f in shard_files(src):
-            for k in on_disk_keys[f]:
-                # One short-lived mapping per tensor: the pages read are released right away, so
-                # the input side costs about one tensor, not one shard, of resident memory.
-                with safe_open(str(f), framework="pt") as h:
-                    tensor = h.get_tensor(k)
-                m = mlp_re.match(k)
-                if m and int(m.group(1)) in selected:
-                    i = int(m.group(1))
-                    pending.setdefault(i, {})[m.group(2)] = tensor
-                    if len(pending[i]) == 3:
-                        p = pending.pop(i)
-                        writer.reserve(_moe_nbytes(cfg, p["gate_proj"]))
-                        t = mlp_moe_tensors(cfg, i, p["gate_proj"], p["up_proj"], p["down_proj"])
-                        del p
-                        for name, out in t.state_dict(f"{path}.{i}.mlp.").items():
-                            emit(name, out)
-                        del t
-                else:
-                    emit(k, tensor)
-                del tensor
-        if pending:
-            raise CheckpointError(
-                f"layers {sorted(pending)} miss MLP weights in the checkpoint",
-                where=str(src),
-                fix="the checkpoint is incomplete; re-download or re-save it",
-            )
-        writer.close()
-
-        # Structure of the result from shapes alone, checked against the keys actually written.
-        with torch.device("meta"):
-            meta_moe = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        probe = MoeSpec(
-            base_architecture=type(meta).__name__,
-            base_model_type=str(getattr(config, "model_type", "")),
-            layers=[
-                LayerSpec(
-                    index=i,
-                    mlp=mlp_spec_for(cfg, layers[i].mlp.gate_proj.weight.shape[0]) if i in selected else None,
-                )
-                for i in range(len(layers))
-            ],
+    for f, keys in plan.keys_by_shard.items():
+        for k in keys:
+            # One short-lived mapping per tensor: the pages read are released right away, so
+            # the input side costs about one tensor, not one shard, of resident memory.
+            with safe_open(str(f), framework="pt") as h:
+                tensor = h.get_tensor(k)
+            m = mlp_re.match(k)
+            if m and int(m.group(1)) in selected:
+                i = int(m.group(1))
+                pending.setdefault(i, {})[m.group(2)] = tensor
+                if len(pending[i]) == 3:
+                    p = pending.pop(i)
+                    writer.reserve(_moe_nbytes(cfg, p["gate_proj"]))
+                    t = mlp_moe_tensors(cfg, i, p["gate_proj"], p["up_proj"], p["down_proj"])
+                    del p
+                    for name, out in t.state_dict(f"{plan.path}.{i}.mlp.").items():
+                        emit(name, out)
+                    del t
+            else:
+                emit(k, tensor)
+            del tensor
+    if pending:
+        raise CheckpointError(
+            f"layers {sorted(pending)} miss MLP weights in the checkpoint",
+            where=str(plan.src),
+            fix="the checkpoint is incomplete; re-download or re-save it",
         )
-        apply_structure(meta_moe, probe)
-        expected = set(unique_state_dict(meta_moe))
-        if expected != written:
-            diff = sorted(expected ^ written)[:8]
-            raise CheckpointError(
-                f"streaming conversion produced keys that do not match the MoE model ({diff})",
-                where=str(src),
-                fix="report this as a bug; use in-memory surgery meanwhile (--streaming off)",
+    writer.close()
+    return written
+
+
+def _result_spec(plan: _Plan, cfg: UpcycleConfig, written: set[str], trust_remote_code: bool) -> MoeSpec:
+    """The surgery description of the result, from shapes alone, checked against the keys written."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta_moe = AutoModelForCausalLM.from_config(plan.config, trust_remote_code=trust_remote_code)
+    base = {
+        "base_architecture": type(plan.meta).__name__,
+        "base_model_type": str(getattr(plan.config, "model_type", "")),
+    }
+    probe = MoeSpec(
+        **base,
+        layers=[
+            LayerSpec(
+                index=i,
+                mlp=mlp_spec_for(cfg, layer.mlp.gate_proj.weight.shape[0]) if i in plan.selected else None,
             )
-        spec = MoeSpec(
-            base_architecture=type(meta).__name__,
-            base_model_type=str(getattr(config, "model_type", "")),
-            layers=describe_structure(meta_moe, probe),
-            source=str(src),
+            for i, layer in enumerate(plan.layers)
+        ],
+    )
+    apply_structure(meta_moe, probe)
+    expected = set(unique_state_dict(meta_moe))
+    if expected != written:
+        diff = sorted(expected ^ written)[:8]
+        raise CheckpointError(
+            f"streaming conversion produced keys that do not match the MoE model ({diff})",
+            where=str(plan.src),
+            fix="report this as a bug; use in-memory surgery meanwhile (--streaming off)",
         )
-        spec.add_stage("upcycle", cfg.to_dict(), None)
-        config.save_pretrained(tmp)
-        if (src / "generation_config.json").is_file():
-            GenerationConfig.from_pretrained(str(src)).save_pretrained(tmp)
-        copy_tokenizer_files(src, tmp)
-        spec.save(tmp)
-    return spec
+    return MoeSpec(**base, layers=describe_structure(meta_moe, probe), source=str(plan.src))
 
 
 def _moe_nbytes(cfg: UpcycleConfig, w_gate: Tensor) -> int:

@@ -13,7 +13,6 @@ file) prints one readable line and exits with code 2; a traceback only with ``--
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -68,10 +67,12 @@ def _run_offline(name: str, argv: list[str]) -> int:
         if exc.name == f"moe_app.cli.commands.{name}":
             raise _usage_error(f"the command {name!r} is not available in this version") from exc
         raise
-    parser = argparse.ArgumentParser(prog=f"moe-app {name}", description=getattr(module, "HELP", None))
+    from moe_app.cli.commands._options import make_parser
+
+    parser = make_parser(f"moe-app {name}", getattr(module, "HELP", None))
     module.build_parser(parser)
-    args = parser.parse_args(argv)
-    return int(module.run(args) or 0)
+    cfg = parser.parse_args(argv)
+    return int(module.run(cfg) or 0)
 
 
 def _usage_error(message: str):
@@ -91,7 +92,9 @@ def _cli_class():
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
             # Reliability (issue #9, docs/reliability.md): always-on callbacks, configurable by key.
-            from moe_app.lightning.callbacks.reliability import GracefulStop, NumericalGuard, TrainingRNG
+            from moe_app.lightning.callbacks.guard import NumericalGuard
+            from moe_app.lightning.callbacks.rng import TrainingRNG
+            from moe_app.lightning.callbacks.signals import GracefulStop
 
             parser.add_lightning_class_args(NumericalGuard, "numerical_guard")
             parser.add_lightning_class_args(GracefulStop, "graceful_stop")
@@ -107,7 +110,7 @@ def _cli_class():
             trainer["default_root_dir"] = root
             if cfg.get("checkpoint") is not None and cfg["checkpoint"].get("dirpath") is None:
                 cfg["checkpoint"]["dirpath"] = str(Path(root) / "checkpoints")
-            from moe_app.lightning.callbacks.reliability import default_trainer_plugins
+            from moe_app.lightning.checkpoint_io import default_trainer_plugins
 
             default_trainer_plugins(trainer)  # atomic checkpoint writes, weights_only loads
             ckpt = cfg.get("ckpt_path")

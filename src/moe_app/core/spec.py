@@ -21,12 +21,63 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from moe_app.core.moe.router import ROUTING_RULES
+from moe_app.core.moe.router import routing_problem
 from moe_app.errors import CheckpointError
 
 SPEC_FILE = "moe_app.json"
 FORMAT = "moe-app"
 FORMAT_VERSION = 1
+
+
+def utc_now() -> str:
+    """The current time for a lineage entry: ISO 8601, UTC, with its zone (``...+00:00``).
+
+    Milliseconds, so that stages run back to back (tests, tiny pipelines) still order by time.
+    """
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def lineage_time(entry: dict[str, Any]) -> datetime | None:
+    """An entry's ``time`` as an aware UTC datetime; a zone-less time (written by old moe-app
+    versions with the local clock) is read as local time; ``None`` if absent or unparseable."""
+    raw = entry.get("time") if isinstance(entry, dict) else None
+    if not isinstance(raw, str):
+        return None
+    try:
+        t = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return (t.astimezone() if t.tzinfo is None else t).astimezone(timezone.utc)
+
+
+def merge_lineage(*lists: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """One lineage from several partial ones, in the order the stages happened.
+
+    Entries are de-duplicated (by their JSON form, so an entry read back from disk equals the one
+    held in memory), every time is normalised to UTC with its zone, and the result is sorted by
+    time; the sort is stable, so entries with equal or missing times keep the order given (pass
+    the inherited lists first). This is what puts a base model's stages before the upcycling
+    surgery that a later stage recorded while loading it.
+    """
+    seen: set[str] = set()
+    merged: list[dict[str, Any]] = []
+    for entries in lists:
+        for entry in entries or []:
+            entry = dict(entry)
+            t = lineage_time(entry)
+            if t is not None:
+                entry["time"] = t.isoformat(timespec="milliseconds")
+            key = json.dumps(entry, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                merged.append(entry)
+    keys: list[datetime] = []
+    last = datetime.min.replace(tzinfo=timezone.utc)
+    for entry in merged:  # an entry without a time sorts with the one before it
+        last = lineage_time(entry) or last
+        keys.append(last)
+    order = sorted(range(len(merged)), key=lambda i: keys[i])
+    return [merged[i] for i in order]
 
 
 @dataclass
@@ -57,16 +108,9 @@ class MlpMoeSpec:
     """Provenance: the neuron split for ``partition`` (information only)."""
 
     def __post_init__(self) -> None:
-        if self.rule not in ROUTING_RULES:
-            raise CheckpointError(
-                f"unknown routing rule {self.rule!r}", where=SPEC_FILE, fix=f"use one of {ROUTING_RULES}"
-            )
-        if not 1 <= self.top_k <= self.num_experts:
-            raise CheckpointError(
-                f"top_k={self.top_k} not in [1, num_experts={self.num_experts}]",
-                where=SPEC_FILE,
-                fix="repair the layer spec",
-            )
+        problem = routing_problem(self.num_experts, self.top_k, self.rule)
+        if problem:
+            raise CheckpointError(problem, where=SPEC_FILE, fix="repair the layer spec")
         if self.expert_intermediate_size < 1 or self.shared_intermediate_size < 0:
             raise CheckpointError(
                 "expert sizes must be positive", where=SPEC_FILE, fix="repair the layer spec"
@@ -87,9 +131,10 @@ class AttentionMoeSpec:
     """Multiplier on the combined attention output."""
 
     def __post_init__(self) -> None:
-        if self.rule not in ROUTING_RULES or not 1 <= self.top_k <= self.num_experts:
+        problem = routing_problem(self.num_experts, self.top_k, self.rule)
+        if problem:
             raise CheckpointError(
-                f"invalid attention MoE spec {asdict(self)}", where=SPEC_FILE, fix="repair the layer spec"
+                f"invalid attention MoE spec: {problem}", where=SPEC_FILE, fix="repair the layer spec"
             )
 
 
@@ -138,14 +183,11 @@ class MoeSpec:
 
     def add_stage(self, stage: str, config: dict[str, Any] | None = None, data: Any = None) -> None:
         """Append a lineage entry stamped with the current UTC time."""
-        self.lineage.append(
-            {
-                "stage": stage,
-                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "config": config or {},
-                "data": data,
-            }
-        )
+        self.lineage.append({"stage": stage, "time": utc_now(), "config": config or {}, "data": data})
+
+    def merge_lineage(self, *others: list[dict[str, Any]] | None) -> None:
+        """Merge ``others`` into ``lineage`` (see :func:`merge_lineage`)."""
+        self.lineage = merge_lineage(self.lineage, *others)
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:

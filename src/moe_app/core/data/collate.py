@@ -17,7 +17,8 @@ Batch contract (every tensor ``torch.long``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -102,3 +103,10 @@ class Collator:
             batch["prompt_input_ids"] = _pad(prompts, self.pad_id, left=True)  # (B, P)
             batch["prompt_attention_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True)  # (B, P)
         return batch
+
+
+def take_batches(
+    loader: Iterable[dict[str, Any]], n: int, keys: Sequence[str] = ("input_ids", "attention_mask", "labels")
+) -> list[dict[str, Any]]:
+    """The first ``n`` batches of ``loader``, each reduced to the ``keys`` it has (calibration, probes)."""
+    return [{k: batch[k] for k in keys if k in batch} for batch in itertools.islice(loader, n)]

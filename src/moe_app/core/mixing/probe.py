@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_app.core.moe.stats import token_nll
 from moe_app.errors import ConfigError, UnsupportedModelError
 
 _HF_TOPK_ATTRS = ("num_experts_per_tok", "moe_topk", "top_k")
@@ -162,17 +162,6 @@ def _layer_routings(model: nn.Module, kind: str, out: Any, num_tokens: int) -> l
     return found
 
 
-def _token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Next-token NLL per position and whether it is labelled: ``(B, S-1)``, ``(B, S-1)``."""
-    shift_logits = logits[:, :-1].float()  # (B, S-1, V)
-    shift_labels = labels[:, 1:]  # (B, S-1)
-    mask = shift_labels != -100
-    nll = F.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels.clamp_min(0), reduction="none"
-    )  # (B, S-1)
-    return nll * mask, mask
-
-
 @torch.no_grad()
 def probe_model(
     model: nn.Module,
@@ -235,7 +224,7 @@ def probe_model(
                 ]
                 counts = batch_counts if counts is None else [a + b for a, b in zip(counts, batch_counts)]
             if need_loss:
-                nll, lab = _token_nll(out.logits, batch["labels"].to(device))  # (B, S-1)
+                nll, lab = token_nll(out.logits, batch["labels"].to(device))  # (B, S-1)
                 lab = lab & row_ok[:, None]
                 loss_sum.index_add_(0, src.cpu(), (nll * lab).sum(dim=1).double().cpu())
                 tokens.index_add_(0, src.cpu(), lab.sum(dim=1).double().cpu())

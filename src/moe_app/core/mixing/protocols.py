@@ -1,10 +1,11 @@
 """What the Lightning layer may ask of a data module that mixes sources (typed, not probed).
 
 The mixture callback (:mod:`moe_app.lightning.callbacks.mixture`) schedules the updates of an
-adaptive mixture, the post-training stages record its weights in the lineage, and the test report
-names its per-domain metrics from it. Each need is a :class:`typing.Protocol` declared here, in the
-lower layer, and implemented explicitly by the data modules, so a missing method is a type error
-and an ``isinstance`` check, never a ``getattr`` that silently returns ``None``.
+adaptive mixture and the post-training stages record its weights in the lineage (the test
+report's domain list is :class:`moe_app.core.data.protocols.DomainNames`). Each need is a
+:class:`typing.Protocol` declared here, in the lower layer, and implemented explicitly by the data
+modules, so a missing method is a type error and an ``isinstance`` check, never a ``getattr`` that
+silently returns ``None``.
 """
 
 from __future__ import annotations
@@ -15,15 +16,6 @@ from torch import Tensor
 
 from moe_app.core.mixing.config import MixtureConfig
 from moe_app.core.mixing.sampler import MixtureSampler
-
-
-@runtime_checkable
-class DomainNames(Protocol):
-    """A data module whose test rows carry a domain, in an order fixed before any batch is seen."""
-
-    def domain_names(self) -> list[str]:
-        """Every domain of the test split, sorted; the same list on every rank."""
-        ...
 
 
 @runtime_checkable

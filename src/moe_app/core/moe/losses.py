@@ -21,12 +21,15 @@ optional token ``mask (T,)`` (true / 1 = real token) so that padding never enter
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from moe_app.core.moe.block import find_moe_blocks
 from moe_app.core.moe.router import RoutingOutput
+from moe_app.core.moe.stats import expert_load
+from moe_app.errors import ConfigError
 
 LOSS_KINDS = ("balance", "z", "cv")
 
@@ -44,13 +47,6 @@ def _token_mask(mask: Tensor | None, num_tokens: int, device: torch.device) -> T
     return mask
 
 
-def _slot_counts(indices: Tensor, valid: Tensor, num_experts: int) -> Tensor:
-    """Float32 ``(E,)`` number of routing slots per expert over valid tokens, ignoring -1 slots."""
-    slots = indices[valid].reshape(-1)  # (T_valid*k,)
-    slots = slots[slots >= 0]
-    return torch.bincount(slots, minlength=num_experts).float()  # (E,)
-
-
 def load_balancing_loss(
     probs: Tensor, indices: Tensor, num_experts: int, mask: Tensor | None = None
 ) -> Tensor:
@@ -60,7 +56,7 @@ def load_balancing_loss(
     gradient (it counts); the gradient reaches the router through ``P``.
     """
     valid = _token_mask(mask, probs.shape[0], probs.device)  # (T,)
-    counts = _slot_counts(indices, valid, num_experts)  # (E,)
+    counts = expert_load(indices, num_experts, valid)  # (E,)
     n_tokens = valid.sum()
     if n_tokens == 0 or counts.sum() == 0:
         return probs.sum() * 0.0
@@ -94,7 +90,7 @@ def cv_squared_loss(
     idx = indices[valid]  # (T_valid, k)
     w = weights[valid].float() * (idx >= 0)  # (T_valid, k), skipped slots weigh nothing
     importance = w.new_zeros(num_experts).index_add(0, idx.clamp_min(0).reshape(-1), w.reshape(-1))  # (E,)
-    load = _slot_counts(indices, valid, num_experts)  # (E,)
+    load = expert_load(indices, num_experts, valid)  # (E,)
     return cv_squared(importance) + cv_squared(load)
 
 
@@ -117,7 +113,7 @@ def routing_stats(routing: RoutingOutput, mask: Tensor | None = None) -> dict[st
     """
     E = routing.num_experts
     valid = _token_mask(mask, routing.probs.shape[0], routing.probs.device)  # (T,)
-    counts = _slot_counts(routing.indices, valid, E)  # (E,)
+    counts = expert_load(routing.indices, E, valid)  # (E,)
     total = counts.sum().clamp_min(1.0)
     probs = routing.probs.float()[valid]  # (T_valid, E)
     entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)  # (T_valid,)
@@ -166,3 +162,40 @@ def model_router_losses(
                 loss = cv_squared_loss(r.weights, r.indices, r.probs, r.num_experts, mask)
             sums[kind] = sums[kind] + loss if kind in sums else loss
     return {kind: total / len(routings) for kind, total in sums.items()}
+
+
+@dataclass
+class RouterLossConfig:
+    """Auxiliary router loss coefficients (0 disables a loss); one config for every MoE trainer."""
+
+    balance: float = 0.01
+    """Switch/GShard load-balancing loss ``E * sum_e f_e P_e`` (OLMoE 0.01; Mixtral/Qwen3 0.001)."""
+    z: float = 0.001
+    """ST-MoE router z-loss ``mean(logsumexp(z)^2)``."""
+    cv: float = 0.0
+    """LLaMA-MoE v1's ``CV^2(importance) + CV^2(load)`` loss (they used 0.01)."""
+
+    def __post_init__(self) -> None:
+        for name in ("balance", "z", "cv"):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"router_losses.{name} must be >= 0, got {getattr(self, name)}",
+                    where=f"router_losses.{name}",
+                    fix="use 0 (off), or e.g. balance 0.01, z 0.001",
+                )
+
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(k for k in ("balance", "z", "cv") if getattr(self, k) > 0)
+
+
+def weighted_router_losses(
+    model: nn.Module, attention_mask: Tensor, cfg: RouterLossConfig
+) -> dict[str, Tensor]:
+    """``{"balance_loss": c_b * L_b, "z_loss": ..., "cv_loss": ...}`` over the model's MoE blocks,
+    padding excluded; only the losses with a positive coefficient. The names are what is logged."""
+    kinds = cfg.kinds()
+    if not kinds:
+        return {}
+    mask = attention_mask.reshape(-1).bool()  # (T,)
+    raw = model_router_losses(model, mask, kinds=kinds)
+    return {f"{k}_loss": getattr(cfg, k) * v for k, v in raw.items()}

@@ -45,17 +45,26 @@ class RoutingOutput:
         return self.logits.shape[-1]
 
 
-def validate_routing(num_experts: int, top_k: int, rule: str) -> None:
-    """Raise ``ValueError`` with the fix when a routing setup is impossible."""
+def routing_problem(num_experts: int, top_k: int, rule: str) -> str | None:
+    """What is impossible about a routing setup (with the fix), or ``None``: the one check that the
+    router, the upcycling config and the checkpoint spec all apply, each raising its own error type."""
     if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}.")
+        return f"num_experts must be >= 1, got {num_experts}; use e.g. num_experts=8"
     if not 1 <= top_k <= num_experts:
-        raise ValueError(
-            f"top_k={top_k} is not in [1, num_experts={num_experts}]: "
-            "choose top_k <= num_experts (e.g. top_k=2 for 8 experts)."
+        return (
+            f"top_k={top_k} is not in [1, num_experts={num_experts}]; "
+            f"choose 1 <= top_k <= num_experts (e.g. top_k=2 for {max(num_experts, 2)} experts)"
         )
     if rule not in ROUTING_RULES:
-        raise ValueError(f"unknown routing rule {rule!r}; choose one of {', '.join(ROUTING_RULES)}.")
+        return f"unknown routing rule {rule!r}; choose one of {', '.join(ROUTING_RULES)}"
+    return None
+
+
+def validate_routing(num_experts: int, top_k: int, rule: str) -> None:
+    """Raise ``ValueError`` with the fix when a routing setup is impossible."""
+    problem = routing_problem(num_experts, top_k, rule)
+    if problem:
+        raise ValueError(problem + ".")
 
 
 class TopKRouter(nn.Module):

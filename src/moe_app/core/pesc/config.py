@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from moe_app.core.moe.adapters import IMPLS
+from moe_app.core.moe.losses import RouterLossConfig
 from moe_app.core.moe.pesc import LoraExpertsMoeBlock, PescMoeBlock
 from moe_app.core.pesc.quantize import COMPUTE_DTYPES
 from moe_app.core.upcycling.config import parse_layer_selection
@@ -92,11 +93,9 @@ class PescConfig:
     """``lora``: dropout on the input of the expert LoRA ``A`` matrices (MixLoRA: 0.05)."""
     layers: str | list[int] = "all"
     """Decoder layers to convert: ``all``, ``every:N``, ``"0,2,5-7"`` or ``[0, 2]``."""
-    balance_loss_coef: float = 0.0
-    """Coefficient of the load-balancing loss (Switch form, padding excluded). 0 = off, as in the
-    paper (whose reference loss had zero gradient anyway, see ALGORITHMS.md section 1)."""
-    z_loss_coef: float = 0.0
-    """Coefficient of the router z-loss (ST-MoE); 0 = off."""
+    router_losses: RouterLossConfig = field(default_factory=lambda: RouterLossConfig(balance=0.0, z=0.0))
+    """Router loss coefficients, as for every MoE trainer. Off by default, as in the paper (whose
+    reference balance loss had zero gradient anyway, see ALGORITHMS.md section 1)."""
     peft_lora: PeftLoraOptions = field(default_factory=PeftLoraOptions)
     """Optional shared QLoRA on the base linears (``enabled: true`` for the paper's recipe)."""
     quantize_4bit: bool = False
@@ -116,6 +115,8 @@ class PescConfig:
 
         if isinstance(self.peft_lora, dict):
             self.peft_lora = PeftLoraOptions(**self.peft_lora)
+        if isinstance(self.router_losses, dict):
+            self.router_losses = RouterLossConfig(**self.router_losses)
         if self.variant not in VARIANTS:
             raise bad("variant", f"unknown variant {self.variant!r}", f"choose one of {', '.join(VARIANTS)}")
         if self.num_experts < 1:
@@ -140,12 +141,6 @@ class PescConfig:
                 "lora_rank",
                 f"lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha} must be > 0",
                 "use 8 / 16",
-            )
-        if self.balance_loss_coef < 0 or self.z_loss_coef < 0:
-            raise bad(
-                "balance_loss_coef",
-                "router loss coefficients must be >= 0",
-                "use 0 (off), or e.g. 0.01 / 1e-3",
             )
         if self.quant_compute_dtype not in COMPUTE_DTYPES:
             raise bad(

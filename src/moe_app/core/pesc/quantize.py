@@ -22,16 +22,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from moe_app.core.utils.dtypes import DTYPES
 from moe_app.errors import ConfigError, UnsupportedModelError
 
 log = logging.getLogger("moe_app.core.upcycling")
 
-COMPUTE_DTYPES = {
-    "auto": None,
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, **DTYPES}
 QUANT_TYPES = ("nf4", "fp4")
 DEFAULT_SKIP = ("lm_head", "router", "adapters", "expert_lora", "lora_")
 

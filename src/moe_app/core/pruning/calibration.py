@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moe_app.core.moe.stats import labels_from_mask, token_nll
 from moe_app.errors import ConfigError, DataError
 
 logger = logging.getLogger("moe_app.core.pruning")
@@ -259,21 +260,23 @@ def capture_block_inputs(
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> float:
-    """Mean next-token cross-entropy over the non-padding tokens of ``batches``."""
+def eval_loss(model: nn.Module, batches: Sequence[dict[str, Tensor]], *, use_labels: bool = False) -> float:
+    """Mean next-token cross-entropy over ``batches``: every real token, or the batches' ``labels``
+    (e.g. assistant tokens only) when ``use_labels`` and they are present."""
     dev = _device(model)
     total, count = 0.0, 0
-    for b in batches:
-        ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
-        logits = (
-            model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        )  # (B, S-1, V)
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # (B, S-1)
-        nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, reduction="sum", ignore_index=-100
-        )
-        total += float(nll)
-        count += int((labels != -100).sum())
+    was_training = model.training
+    model.eval()  # no dropout in an evaluation, whatever mode the caller left the model in
+    try:
+        for b in batches:
+            ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
+            labels = b["labels"].to(dev) if use_labels and "labels" in b else labels_from_mask(ids, mask)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, S, V)
+            nll, counted = token_nll(logits, labels)  # (B, S-1), (B, S-1)
+            total += float(nll.sum())
+            count += int(counted.sum())
+    finally:
+        model.train(was_training)
     return total / max(count, 1)
 
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moe_app.core.moe.router import ROUTING_RULES
+from moe_app.core.moe.router import routing_problem
 from moe_app.errors import ConfigError
 
 METHODS = ("copy", "noise", "drop", "partition", "attention")
@@ -92,17 +92,13 @@ class UpcycleConfig:
             raise bad(f"unknown split {self.split!r}", f"choose one of {', '.join(SPLITS)}")
         if self.router_init not in ROUTER_INITS:
             raise bad(f"unknown router_init {self.router_init!r}", f"choose one of {', '.join(ROUTER_INITS)}")
-        if self.rule not in ROUTING_RULES:
-            raise bad(f"unknown routing rule {self.rule!r}", f"choose one of {', '.join(ROUTING_RULES)}")
-        if self.num_experts < 1:
-            raise bad(f"num_experts={self.num_experts} must be >= 1", "use e.g. num_experts=8")
-        if self.method != "attention" and not 1 <= self.top_k <= self.num_experts:
-            raise bad(
-                f"top_k={self.top_k} > num_experts={self.num_experts}"
-                if self.top_k > self.num_experts
-                else f"top_k={self.top_k} must be >= 1",
-                f"choose 1 <= top_k <= num_experts (e.g. top_k=2 for {self.num_experts} experts)",
-            )
+        # attention MoE routes over KV groups with attention_top_k; top_k is the MLP's
+        problem = routing_problem(
+            self.num_experts, 1 if self.method == "attention" else self.top_k, self.rule
+        )
+        if problem:
+            what, _, fix = problem.partition("; ")
+            raise bad(what, fix)
         if self.scale is not None and not self.scale > 0:
             raise bad(f"scale={self.scale} must be > 0", "omit scale to use the method's default")
         if self.noise_std < 0:

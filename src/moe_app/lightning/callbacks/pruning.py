@@ -35,9 +35,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from moe_app.checkpoint.pruning import PruneJob, run_job, write_pruned
+from moe_app.core.data.collate import take_batches
 from moe_app.core.data.sources import SourceConfig
 from moe_app.core.models.views import clone_model, model_kind
-from moe_app.core.pruning.calibration import CalibrationConfig, calibration_batches, encode_batches
+from moe_app.core.pruning.calibration import CalibrationConfig, calibration_batches, encode_batches, eval_loss
 from moe_app.core.pruning.enumerate import EnumerationConfig
 from moe_app.core.pruning.experts import ExpertPruneConfig
 from moe_app.errors import ConfigError
@@ -105,7 +106,7 @@ class _PruningCallback(L.Callback):
                 f"{type(self).__name__} needs calibration data: no `calibration` and no data module",
                 fix="set init_args.calibration.data (e.g. builtin) or run with a data section",
             )
-        return _take(dm.train_dataloader(), self.calib_batches)
+        return take_batches(dm.train_dataloader(), self.calib_batches)
 
     def _eval_batches(self, trainer: L.Trainer) -> list[dict[str, torch.Tensor]]:
         dm = getattr(trainer, "datamodule", None)
@@ -113,7 +114,7 @@ class _PruningCallback(L.Callback):
             return []
         loaders = dm.val_dataloader()
         loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
-        return _take(loader, self.eval_batches) if loader else []
+        return take_batches(loader, self.eval_batches) if loader else []
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, in_place: bool) -> None:
         from moe_app.lightning.strategies.fsdp import DecoderLayerFSDPStrategy, unsharded_model
@@ -138,9 +139,9 @@ class _PruningCallback(L.Callback):
         validate_job(model, job, type(self).__name__)
         batches = self._calibration(trainer, pl_module)
         evals = self._eval_batches(trainer)
-        before = _lm_loss(model, evals)
+        before = eval_loss(model, evals, use_labels=True) if evals else None
         report = run_job(model, batches, job)
-        after = _lm_loss(model, evals)
+        after = eval_loss(model, evals, use_labels=True) if evals else None
         report.update({"val_loss_before": before, "val_loss_after": after})
         out = Path(trainer.default_root_dir) / self.out_name
         lineage = pl_module.lineage() if hasattr(pl_module, "lineage") else None
@@ -165,42 +166,6 @@ class _PruningCallback(L.Callback):
             + (f"; skip rate {metrics[f'{self.name}/skip_rate']:.3f}" if "skipping" in report else "")
         )
         self.result = report
-
-
-def _take(loader: Any, n: int) -> list[dict[str, torch.Tensor]]:
-    out = []
-    for i, batch in enumerate(loader):
-        if i >= n:
-            break
-        b = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if "labels" in batch:
-            b["labels"] = batch["labels"]
-        out.append(b)
-    return out
-
-
-@torch.no_grad()
-def _lm_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float | None:
-    """Token-weighted LM loss on batches with ``labels`` (the data module's own masking)."""
-    if not batches:
-        return None
-    dev = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for b in batches:
-            labels = b.get("labels", b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)).to(dev)
-            out = model(
-                input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev), use_cache=False
-            )
-            logits = out.logits[:, :-1].float()  # (B, S-1, V)
-            target = labels[:, 1:]  # (B, S-1)
-            total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="sum"))
-            count += int((target != -100).sum())
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
 
 
 def _plain(obj: Any) -> Any:

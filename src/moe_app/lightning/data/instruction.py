@@ -213,6 +213,17 @@ class InstructionDataModule(L.LightningDataModule):
         for split in needed.get(stage or "", ("train", "val", "test")):
             self._build(split)
 
+    def domain_names(self) -> list[str]:
+        """Every domain of the test split, sorted (implements
+        :class:`~moe_app.core.data.protocols.DomainNames`).
+
+        Read from the tokenised test rows (built here if ``setup("test")`` has not run yet), so it
+        is known before any batch and is the same list on every rank: every rank tokenises the
+        whole split and only the sampler shards it. A row's domain is its record's ``domain``, else
+        its source's name (plain-text rows included): exactly what the test batches carry.
+        """
+        return sorted({row["domain"] for row in self._build("test")})
+
     def source_sizes(self, split: str = "train") -> dict[str, int]:
         """Rows per source in ``split`` (after packing, for train)."""
         sizes: dict[str, int] = {s.name: 0 for s in self.sources}

@@ -15,7 +15,6 @@ Subclasses change the model and the loss through three hooks, never by overridin
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,14 +25,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from moe_app.core.utils.dtypes import DTYPES
 from moe_app.core.utils.params import count_parameters
 from moe_app.errors import ConfigError
+from moe_app.lightning.modules.evaluation import EvaluationMixin
 from moe_app.lightning.modules.optim import OptimConfig, build_optimizer
-from moe_app.lightning.modules.report import DomainReport
 
 log = logging.getLogger("moe_app.lightning.modules")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -87,20 +86,23 @@ class ModelSource:
                 fix="point it at a model directory (e.g. runs/tiny-dense/model from `moe-app fit -c "
                 "configs/tiny/dense.yaml`) or a hub id like Qwen/Qwen2.5-0.5B",
             )
-        if self.dtype not in _DTYPES:
+        if self.dtype not in DTYPES:
             raise ConfigError(
                 f"unknown dtype {self.dtype!r}.",
                 where="model.source.dtype",
-                fix=f"use one of {sorted(_DTYPES)}",
+                fix=f"use one of {sorted(DTYPES)}",
             )
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
 
-class CausalLMModule(L.LightningModule):
+class CausalLMModule(EvaluationMixin, L.LightningModule):
     """Train and evaluate a dense HF causal LM.
+
+    Test and predict (per-domain report, greedy generation) are
+    :class:`~moe_app.lightning.modules.evaluation.EvaluationMixin`'s.
 
     Args:
         source: where the model and tokenizer come from.
@@ -139,7 +141,7 @@ class CausalLMModule(L.LightningModule):
         )
         self.model: torch.nn.Module | None = None
         self._tokenizer = None
-        self._report: DomainReport | None = None
+        self._report = None  # the per-domain test report, made in on_test_start
         self._tps_t0: float | None = None
 
     # ------------------------------------------------------------------ model life cycle
@@ -283,134 +285,6 @@ class CausalLMModule(L.LightningModule):
             self.log(f"val/{name}", value, sync_dist=True, batch_size=bs)
         return lm_loss
 
-    # ------------------------------------------------------------------ test: per-domain report
-    def on_test_start(self) -> None:
-        domains = self._domain_names()
-        self._report = DomainReport(domains).to(self.device)
-        self._eval_time, self._eval_tokens = 0.0, 0
-        self._expert_load: dict[str, Tensor] = {}
-
-    def _domain_names(self) -> list[str]:
-        dm = getattr(self.trainer, "datamodule", None)
-        names = getattr(dm, "domain_names", None)
-        if callable(names):
-            return list(names())
-        return ["all"]
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        assert self._report is not None
-        t0 = time.perf_counter()
-        logits = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits
-        self._eval_time += time.perf_counter() - t0
-        self._eval_tokens += int(batch["attention_mask"].sum())
-        self._accumulate_expert_load(batch["attention_mask"])
-        nll, ntok = per_example_nll(logits, batch["labels"])  # (B,), (B,)
-        domains = batch.get("domain") or ["all"] * len(nll)
-        correct: list[bool | None] = [None] * len(domains)
-        rows = [i for i, p in enumerate(batch.get("prompt_ids", [])) if p]  # conversations, not plain text
-        generate = self.generation.enabled and bool(rows)
-        if self.generation.enabled and self._sharded_across_ranks():
-            # Generation is collective under FSDP: if any rank has prompts, every rank generates
-            # (one with only plain-text rows decodes a throw-away prompt and discards it).
-            generate = bool(self.trainer.strategy.reduce_boolean_decision(bool(rows), all=False))
-        if generate and rows:
-            preds = self.generate_answers(
-                batch["prompt_input_ids"][rows], batch["prompt_attention_mask"][rows]
-            )
-            for i, pred in zip(rows, preds):
-                correct[i] = check_answer(domains[i], pred, batch["reference"][i])
-        elif generate:
-            self.generate_answers(batch["input_ids"][:1, :1], batch["attention_mask"][:1, :1])
-        self._report.update(domains, nll, ntok, correct)
-
-    def _accumulate_expert_load(self, attention_mask: Tensor) -> None:
-        """Add this batch's top-k assignments per (MoE layer, expert), padding excluded."""
-        from moe_app.core.moe.block import find_moe_blocks
-
-        mask = attention_mask.reshape(-1).bool()  # (T,)
-        for name, block in find_moe_blocks(self.model):
-            routing = block.last_routing
-            if routing is None or routing.indices.shape[0] != mask.shape[0]:
-                continue
-            idx = routing.indices[mask]  # (T', k)
-            idx = idx[idx >= 0]
-            counts = torch.bincount(idx, minlength=routing.num_experts).double().cpu()  # (E,)
-            prev = self._expert_load.get(name)
-            self._expert_load[name] = counts if prev is None or prev.shape != counts.shape else prev + counts
-
-    def on_test_epoch_end(self) -> None:
-        assert self._report is not None
-        rows = self._report.compute()
-        for row in rows:
-            name = row["domain"]
-            self.log(f"test/{name}/loss", row["loss"], sync_dist=False, rank_zero_only=True)
-            if row["accuracy"] is not None:
-                self.log(f"test/{name}/accuracy", row["accuracy"], sync_dist=False, rank_zero_only=True)
-        self.test_results = rows
-        if self.trainer.is_global_zero:
-            print(self._report.format_table(rows, title=f"Test results ({type(self).__name__})"))
-            self._write_test_results(rows)
-
-    def _write_test_results(self, rows: list[dict[str, Any]]) -> None:
-        """``<default_root_dir>/test_results.json``: what the pipeline summary reads."""
-        import json
-
-        from moe_app.core.utils.atomic import atomic_write_text
-
-        counts = count_parameters(self.model)
-        payload = {
-            "module": type(self).__name__,
-            "model": self.source.pretrained or "fresh(arch)",
-            "parameters": {"total": counts.total, "active": counts.active, "trainable": counts.trainable},
-            "eval_tokens_per_s": self._eval_tokens / max(self._eval_time, 1e-9),
-            "rows": rows,
-            # layer name -> tokens routed to each expert over the test set (layer x expert heatmaps)
-            "expert_load": {name: counts.tolist() for name, counts in self._expert_load.items()},
-        }
-        atomic_write_text(
-            Path(self.trainer.default_root_dir) / "test_results.json", json.dumps(payload, indent=2)
-        )
-
-    @torch.no_grad()
-    def generate_answers(self, input_ids: Tensor, attention_mask: Tensor) -> list[str]:
-        """Greedy-decode an answer for each left-padded prompt row ``(B, P)``; returns the texts."""
-        from moe_app.core.data.templates import extract_answer, stop_token_ids
-
-        tok = self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        was_training = self.model.training
-        self.model.eval()
-        gen = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=self.generation.max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            eos_token_id=stop_token_ids(tok),
-            # Sharded weights are gathered collectively at every decoding step: a rank whose answers
-            # are finished keeps stepping until all ranks are, or the others would wait forever.
-            synced_gpus=self._sharded_across_ranks(),
-        )
-        self.model.train(was_training)
-        return [extract_answer(tok, row) for row in gen[:, input_ids.shape[1] :].tolist()]
-
-    def _sharded_across_ranks(self) -> bool:
-        if self._trainer is None or self.trainer.world_size < 2:
-            return False
-        from moe_app.lightning.strategies.fsdp import DecoderLayerFSDPStrategy
-
-        return isinstance(self.trainer.strategy, DecoderLayerFSDPStrategy)
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
-        preds = self.generate_answers(batch["prompt_input_ids"], batch["prompt_attention_mask"])
-        prompts = [self.tokenizer.decode(p, skip_special_tokens=False) for p in batch["prompt_ids"]]
-        return [
-            {"domain": d, "prompt": p, "prediction": a, "reference": r}
-            for d, p, a, r in zip(batch["domain"], prompts, preds, batch["reference"])
-        ]
-
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -486,9 +360,11 @@ class CausalLMModule(L.LightningModule):
 
     def lineage_entry(self) -> dict[str, Any]:
         """What produced this model: which stage, from what, with which settings."""
+        from moe_app.core.spec import utc_now
+
         return {
             "stage": type(self).__name__,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "time": utc_now(),
             "init": self.source.pretrained or "fresh(arch)",
             "global_step": int(self.global_step),
             "hparams": dict(self.hparams),
@@ -505,17 +381,6 @@ def per_example_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     )  # (B, S-1)
     nll = (nll * mask).sum(dim=1)
     return nll, mask.sum(dim=1)
-
-
-def check_answer(domain: str, prediction: str, reference: str) -> bool:
-    """Exact match under the suite's per-domain checker (whitespace-normalised for other sources)."""
-    from moe_app.core.data.synthetic import check
-
-    return bool(check(domain, prediction, reference))
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
 
 
 __all__ = ["CausalLMModule", "GenerationConfig", "ModelSource"]

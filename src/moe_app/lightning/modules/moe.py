@@ -23,27 +23,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from moe_app.core.data.collate import take_batches
+from moe_app.core.moe.losses import RouterLossConfig, weighted_router_losses
+from moe_app.core.moe.stats import expert_load
 from moe_app.core.upcycling.config import UpcycleConfig
 from moe_app.errors import ConfigError
 from moe_app.lightning.modules.lm import CausalLMModule, GenerationConfig, ModelSource
 from moe_app.lightning.modules.optim import OptimConfig
-
-
-@dataclass
-class RouterLossConfig:
-    """Auxiliary router losses (coefficients; 0 disables a loss)."""
-
-    balance: float = 0.01
-    """Switch/GShard load-balancing loss ``E * sum_e f_e P_e`` (OLMoE 0.01; Mixtral/Qwen3 0.001)."""
-    z: float = 0.001
-    """ST-MoE router z-loss ``mean(logsumexp(z)^2)``."""
-    cv: float = 0.0
-    """LLaMA-MoE v1's ``CV^2(importance) + CV^2(load)`` loss (they used 0.01)."""
-
-    def __post_init__(self) -> None:
-        for name in ("balance", "z", "cv"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"router_losses.{name} must be >= 0, got {getattr(self, name)}.")
 
 
 @dataclass
@@ -136,12 +122,7 @@ class MoeLMModule(CausalLMModule):
                 "module is available.",
                 fix="run through `moe-app fit` with a data section, or use `moe-app upcycle --calibration`",
             )
-        batches = []
-        for i, batch in enumerate(dm.train_dataloader()):
-            if i >= n:
-                break
-            batches.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
-        return batches
+        return take_batches(dm.train_dataloader(), n, keys=("input_ids", "attention_mask"))
 
     def _apply_freezing(self, model: torch.nn.Module) -> None:
         f = self.freeze
@@ -156,15 +137,7 @@ class MoeLMModule(CausalLMModule):
 
     # ------------------------------------------------------------------ losses and logging
     def extra_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        from moe_app.core.moe.losses import model_router_losses
-
-        rl = self.router_losses
-        kinds = tuple(k for k, c in (("balance", rl.balance), ("z", rl.z), ("cv", rl.cv)) if c > 0)
-        if not kinds:
-            return {}
-        mask = batch["attention_mask"].reshape(-1).bool()  # (T,)
-        raw = model_router_losses(self.model, mask, kinds=kinds)
-        return {f"{k}_loss": getattr(rl, k) * v for k, v in raw.items()}
+        return weighted_router_losses(self.model, batch["attention_mask"], self.router_losses)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
@@ -178,9 +151,7 @@ class MoeLMModule(CausalLMModule):
             r = block.last_routing
             if r is None or r.indices.shape[0] != mask.shape[0]:
                 continue
-            idx = r.indices[mask]
-            idx = idx[idx >= 0]
-            load = torch.bincount(idx, minlength=r.num_experts).float()
+            load = expert_load(r.indices, r.num_experts, mask)
             load = load / load.sum().clamp_min(1.0)  # (E,)
             layer = _layer_tag(name, i)
             for e, v in enumerate(load.tolist()):

@@ -32,14 +32,13 @@ from moe_app.checkpoint.pesc import (
     save_pesc_adapters,
     save_pesc_full,
 )
+from moe_app.core.moe.losses import weighted_router_losses
 from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
 from moe_app.core.pesc.surgery import build_pesc, mark_pesc_trainable
 from moe_app.core.utils.params import human
 from moe_app.errors import CheckpointError, ConfigError
 from moe_app.lightning.modules.lm import CausalLMModule, GenerationConfig, ModelSource
 from moe_app.lightning.modules.optim import OptimConfig
-
-_LOSS_COEFS = {"balance": "balance_loss_coef", "z": "z_loss_coef"}
 
 
 class PescModule(CausalLMModule):
@@ -104,15 +103,7 @@ class PescModule(CausalLMModule):
 
     # ------------------------------------------------------------------ losses
     def extra_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        coefs = {kind: getattr(self.pesc, attr) for kind, attr in _LOSS_COEFS.items()}
-        kinds = [kind for kind, c in coefs.items() if c > 0]
-        if not kinds:
-            return {}
-        from moe_app.core.moe.losses import model_router_losses
-
-        mask = batch["attention_mask"].reshape(-1)  # (B*S,): padding never enters the statistics
-        losses = model_router_losses(self.model, mask, kinds=kinds)
-        return {f"router_{kind}_loss": coefs[kind] * value for kind, value in losses.items()}
+        return weighted_router_losses(self.model, batch["attention_mask"], self.pesc.router_losses)
 
     # ------------------------------------------------------------------ logging and saving
     def on_fit_start(self) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from moe_app.core.mixing.protocols import MixtureLineage
 from moe_app.errors import CheckpointError
 from moe_app.lightning.modules.lm import GenerationConfig, ModelSource
 from moe_app.lightning.modules.moe import FreezeConfig, MoeLMModule, RouterLossConfig
@@ -31,10 +32,15 @@ from moe_app.lightning.modules.optim import OptimConfig
 def check_init_from(
     path: str | Path, *, expect_architecture: str | None = None, requires_stage: str | None = None
 ) -> dict[str, Any]:
-    """Check that ``path`` is a complete MoE model directory; return its ``config.json``.
+    """Check that ``path`` is a complete MoE model directory; return its (base's) ``config.json``.
 
-    Raises ``CheckpointError`` naming the missing file or the mismatch and how to fix it.
+    Accepted: a moe-app checkpoint dir, a stock HF MoE dir, or a PESC adapter-only dir (its manifest,
+    its adapter tensors and the dense base it names are checked). Raises ``CheckpointError`` naming
+    the missing / truncated file or the mismatch and how to fix it.
     """
+    from moe_app.checkpoint.model_dir import is_moe_checkpoint
+    from moe_app.checkpoint.names import PESC_ADAPTER_FILE, PESC_META
+
     path = Path(path)
     where = f"init_from={str(path)!r}"
     if not path.is_dir():
@@ -43,28 +49,8 @@ def check_init_from(
             where=where,
             fix="run the previous stage first (see `python scripts/pipeline.py --list`) or fix the path",
         )
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(
-            "config.json is missing: this is not a model directory (or an interrupted write).",
-            where=where,
-            fix="point init_from at the `model` directory the previous stage wrote",
-        )
-    config = json.loads(cfg_file.read_text())
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        missing = sorted(s for s in shards if not (path / s).exists())
-        if missing:
-            raise CheckpointError(
-                f"weight shards listed in model.safetensors.index.json are missing: {', '.join(missing)}.",
-                where=where,
-                fix="re-run the stage that produced it",
-            )
-    elif not any(path.glob("*.safetensors")) and not (path / "adapter_model.safetensors").exists():
-        raise CheckpointError(
-            "no safetensors weights found.", where=where, fix="re-run the stage that produced it"
-        )
+    is_pesc = (path / PESC_META).exists() or (path / PESC_ADAPTER_FILE).exists()
+    config = _check_pesc_adapter_dir(path, where) if is_pesc else _check_model_dir(path, where)
     archs = config.get("architectures") or [config.get("model_type", "?")]
     if expect_architecture is not None and expect_architecture not in archs:
         raise CheckpointError(
@@ -72,9 +58,8 @@ def check_init_from(
             where=where,
             fix="start from a checkpoint of the same base family, or change expect_architecture",
         )
-    moe_spec = path / "moe_app.json"
     is_stock_moe = any(k in config for k in ("num_local_experts", "num_experts"))
-    if not moe_spec.exists() and not is_stock_moe and not (path / "pesc_adapters.json").exists():
+    if not (is_pesc or is_stock_moe or is_moe_checkpoint(path)):
         raise CheckpointError(
             f"{archs[0]} is a dense model, but post-training needs a Mixture-of-Experts.",
             where=where,
@@ -93,6 +78,59 @@ def check_init_from(
                 fix=f"run {requires_stage} first and point init_from at its output, or set requires_stage null",
             )
     return config
+
+
+def _check_model_dir(path: Path, where: str, what: str = "") -> dict[str, Any]:
+    """``check_local_model_dir`` (config.json, every listed shard present and readable), re-raised
+    with the ``init_from`` location; returns the parsed ``config.json``."""
+    from moe_app.checkpoint.hub import check_local_model_dir
+    from moe_app.checkpoint.names import CONFIG_FILE
+
+    try:
+        check_local_model_dir(path)
+        return json.loads((path / CONFIG_FILE).read_text())
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"{what}{e.what} ({e.where}).",
+            where=where,
+            fix=f"point init_from at the `model` directory the previous stage wrote, or re-run that stage. {e.fix}",
+        ) from e
+    except ValueError as e:
+        raise CheckpointError(
+            f"{what}{CONFIG_FILE} is not valid JSON ({e}).", where=where, fix="re-run the stage that produced it"
+        ) from e
+
+
+def _check_pesc_adapter_dir(path: Path, where: str) -> dict[str, Any]:
+    """A PESC adapter-only dir: manifest + adapter tensors present and readable, and the dense base
+    it names a complete model dir (when local); returns the base's ``config.json`` (``{}`` for a hub id)."""
+    from moe_app.checkpoint.hub import is_local
+    from moe_app.checkpoint.names import PESC_ADAPTER_FILE, PESC_META
+    from moe_app.checkpoint.pesc import read_pesc_meta
+    from moe_app.checkpoint.shards import open_shard
+
+    missing = [n for n in (PESC_META, PESC_ADAPTER_FILE) if not (path / n).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"PESC adapter directory is incomplete: {' and '.join(missing)} missing "
+            f"(an adapter dir holds {PESC_META} and {PESC_ADAPTER_FILE}).",
+            where=where,
+            fix="re-run the PESC stage that wrote it (an interrupted copy?), or point init_from at a complete dir",
+        )
+    try:
+        meta = read_pesc_meta(path)
+        with open_shard(path / PESC_ADAPTER_FILE):
+            pass
+    except CheckpointError as e:
+        raise CheckpointError(f"{e.what} ({e.where}).", where=where, fix=e.fix) from e
+    base = str(meta.get("base_model") or "")
+    if not base:
+        raise CheckpointError(
+            f"{PESC_META} names no base_model.", where=where, fix="re-run the PESC stage that wrote it"
+        )
+    if not is_local(base):
+        return {}  # a hub id: checked when the base is downloaded
+    return _check_model_dir(Path(base).expanduser(), where, what=f"the PESC base model named in {PESC_META}: ")
 
 
 class PostTrainModule(MoeLMModule):
@@ -158,9 +196,9 @@ class PostTrainModule(MoeLMModule):
         entry = super().lineage_entry()
         entry["stage"] = self.stage
         entry["init_from"] = str(self.init_from)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        describe = getattr(dm, "describe", None)
-        entry["data"] = describe() if callable(describe) else _describe_data(dm)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        # Called when the model dir is written (end of fit), so a mixture's weights are the final ones.
+        entry["data"] = dm.describe() if isinstance(dm, MixtureLineage) else describe_plain_data(dm)
         return entry
 
 
@@ -170,18 +208,14 @@ def _with_pretrained(source: ModelSource | None, init_from: str) -> ModelSource:
     return dataclasses.replace(source, pretrained=init_from, arch=None)
 
 
-def _describe_data(dm: Any) -> dict[str, Any] | None:
+def describe_plain_data(dm: Any) -> dict[str, Any] | None:
+    """The lineage ``data`` of a data module that does not mix (an ``InstructionDataModule``): its
+    class and sources, from the public ``sources`` list (``SourceConfig``: name + where it came from)."""
     if dm is None:
         return None
-    sources = getattr(dm, "sources", None) or []
-    out: dict[str, Any] = {"class": type(dm).__name__}
-    names = []
-    for s in sources:
-        name = getattr(s, "name", None)
-        origin = getattr(s, "path", None) or getattr(s, "hub", None) or getattr(s, "builtin", None)
-        names.append({"name": name, "from": origin})
-    out["sources"] = names
-    weights = getattr(dm, "current_weights", None)
-    if callable(weights):
-        out["final_weights"] = weights()
-    return out
+    return {
+        "class": type(dm).__name__,
+        "sources": [
+            {"name": s.name, "from": s.path or s.hub or s.builtin} for s in getattr(dm, "sources", None) or []
+        ],
+    }

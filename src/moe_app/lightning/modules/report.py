@@ -2,6 +2,14 @@
 
 Sums are kept as torchmetrics ``SumMetric`` states so the report is correct under DDP (each rank
 holds a shard of the test set; ``compute`` all-reduces).
+
+The states are indexed by a domain's position in the list given at construction, and the
+all-reduce sums them by position: that list must be the same on every rank and fixed before any
+batch (:class:`moe_app.core.data.protocols.DomainNames`). A rank may see the domains in any order,
+or not see one at all, and the table is still the one-process table. The report never adds a
+domain at update time (a rank that did would shift its indices and sum other domains, or wait
+forever in a collective the others never join): an unannounced domain goes to ``fallback`` when
+one is given, and is an error otherwise.
 """
 
 from __future__ import annotations
@@ -13,11 +21,27 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
+from moe_app.errors import DataError
+
 
 class DomainReport(nn.Module):
-    def __init__(self, domains: list[str]) -> None:
+    """Token-weighted loss, perplexity and exact match per domain, plus an ``ALL`` row.
+
+    Args:
+        domains: every domain the test set may contain, in the same order on every rank (e.g.
+            ``datamodule.domain_names()``); the table lists them in this order.
+        fallback: where rows of a domain not in ``domains`` are counted (it must be one of
+            ``domains``); ``None``: such a row raises :class:`~moe_app.errors.DataError`.
+    """
+
+    def __init__(self, domains: list[str], fallback: str | None = None) -> None:
         super().__init__()
         self.domains = list(domains)
+        if not self.domains or len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"DomainReport needs distinct domain names, got {self.domains}")
+        if fallback is not None and fallback not in self.domains:
+            raise ValueError(f"fallback domain {fallback!r} is not one of {self.domains}")
+        self.fallback = fallback
         self._index = {d: i for i, d in enumerate(self.domains)}
         self.metrics = nn.ModuleDict(
             {
@@ -28,14 +52,17 @@ class DomainReport(nn.Module):
         )
 
     def _idx(self, domain: str) -> int:
-        if domain not in self._index:  # a domain the data module did not announce
-            self._index[domain] = len(self.domains)
-            self.domains.append(domain)
-            d = self._index[domain]
-            device = next(iter(self.metrics.values())).device if len(self.metrics) else "cpu"
-            for name in ("nll", "tok", "ok", "gen", "n"):
-                self.metrics[f"{name}{d}"] = SumMetric().to(device)
-        return self._index[domain]
+        d = self._index.get(domain)
+        if d is not None:
+            return d
+        if self.fallback is not None:
+            return self._index[self.fallback]
+        raise DataError(
+            f"test row of domain {domain!r}, which is not one of the announced domains {self.domains}: "
+            "the per-domain sums are matched across ranks by position, so a domain cannot be added "
+            "while batches arrive.",
+            fix="have the data module's domain_names() list every domain of its test split",
+        )
 
     def update(
         self, domains: list[str], nll: Tensor, ntok: Tensor, correct: list[bool | None] | None

@@ -32,9 +32,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from moe_app.core.utils.dtypes import DTYPES
 from moe_app.errors import ConfigError
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def decoder_layer_classes(module: nn.Module) -> set[type[nn.Module]]:
@@ -110,11 +109,11 @@ class DecoderLayerFSDPStrategy(ModelParallelStrategy):
         **kwargs: Any,
     ) -> None:
         for key, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
-            if value is not None and value not in _DTYPES:
+            if value is not None and value not in DTYPES:
                 raise ConfigError(
                     f"unknown {key} {value!r}",
                     where=f"trainer.strategy.init_args.{key}",
-                    fix=f"one of {sorted(_DTYPES)}",
+                    fix=f"one of {sorted(DTYPES)}",
                 )
         # Pure data parallel: the mesh is (world_size data-parallel x 1 tensor-parallel); the
         # sizes are fixed in setup_environment, once the number of processes is known.
@@ -143,8 +142,8 @@ class DecoderLayerFSDPStrategy(ModelParallelStrategy):
             self._skeleton = meta_skeleton(model)
             mesh = self.device_mesh["data_parallel"]
             policy = MixedPrecisionPolicy(
-                param_dtype=_DTYPES.get(self.param_dtype or ""),
-                reduce_dtype=_DTYPES.get(self.reduce_dtype or self.param_dtype or ""),
+                param_dtype=DTYPES.get(self.param_dtype or ""),
+                reduce_dtype=DTYPES.get(self.reduce_dtype or self.param_dtype or ""),
             )
             kwargs = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": self.reshard_after_forward}
             classes = tuple(decoder_layer_classes(model))
