@@ -59,6 +59,23 @@ def test_spec_schema_and_lineage(tmp_path):
     assert MoeSpec.from_dict(d).to_dict() == d
 
 
+def test_inherited_lineage_goes_before_the_surgery_and_is_not_repeated(tmp_path):
+    """A training run's lineage (base stages + its own entry) merged with the surgery recorded at load."""
+    from datetime import datetime, timedelta
+
+    moe = _moe(layers="1")
+    surgery = moe.moe_app_spec.lineage[-1]
+    t_surgery = datetime.fromisoformat(surgery["time"])
+    dense = {"stage": "CausalLMModule", "time": (t_surgery - timedelta(seconds=30)).isoformat()}
+    own = {"stage": "upcycle:copy", "time": (t_surgery + timedelta(seconds=5)).isoformat()}
+    save_moe_checkpoint(moe, tmp_path / "c", lineage=[dense, own])
+    save_moe_checkpoint(moe, tmp_path / "c", lineage=[dense, own])  # idempotent: nothing repeated
+    lineage = json.loads((tmp_path / "c" / SPEC_FILE).read_text())["lineage"]
+    assert [e["stage"] for e in lineage] == ["CausalLMModule", "upcycle", "upcycle:copy"]
+    assert all(datetime.fromisoformat(e["time"]).utcoffset() == timedelta(0) for e in lineage)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if "lineage" in p.name) == []
+
+
 def test_tied_embeddings_round_trip(tmp_path):
     moe = _moe(model={"tie_word_embeddings": True})
     save_moe_checkpoint(moe, tmp_path / "c")

@@ -102,7 +102,9 @@ def pesc_adapter_dir(tiny_llama_dir: Path, tmp_path: Path) -> Path:
     from moe_app.core.pesc.config import PescConfig
     from moe_app.core.pesc.surgery import build_pesc
 
-    model = build_pesc(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), PescConfig(num_experts=2, adapter_dim=4))
+    model = build_pesc(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir), PescConfig(num_experts=2, adapter_dim=4)
+    )
     lineage = [{"stage": "pesc", "time": "2024-05-01T03:00:00+00:00"}]
     return save_pesc_adapters(model, tmp_path / "adapters", base_model=tiny_llama_dir, lineage=lineage)
 
@@ -124,7 +126,7 @@ def test_init_from_refuses_a_pesc_dir_whose_base_is_gone(pesc_adapter_dir: Path,
     import shutil
 
     shutil.rmtree(tiny_llama_dir)
-    with pytest.raises(CheckpointError, match="PESC base model named in pesc.json: directory not found"):
+    with pytest.raises(CheckpointError, match=r"PESC base model named in pesc\.json: directory not found"):
         check_init_from(pesc_adapter_dir)
 
 

@@ -171,8 +171,10 @@ def test_cli_upcycle_importance_with_file_calibration(tmp_path, capsys):
     moe_app.load_model(out)
 
 
-def test_builtin_calibration_texts_come_from_the_offline_suite():
-    from moe_app.core.upcycling.calibration_data import calibration_texts
+def test_builtin_calibration_comes_from_the_offline_suite():
+    """`upcycle --calibration builtin` reads like `prune --data builtin`: instructions + pre-training text."""
+    from moe_app.core.pruning.calibration import calibration_examples
 
-    texts = calibration_texts("builtin")
-    assert len(texts) > 100 and all(isinstance(t, str) and t for t in texts)
+    examples = calibration_examples("builtin", 200)
+    assert len(examples) == 200
+    assert any(e.messages for e in examples) and any(e.messages is None and e.text for e in examples)

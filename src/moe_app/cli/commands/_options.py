@@ -85,6 +85,8 @@ def add_options(parser: ArgumentParser, cls: type, *, skip: Iterable[str] = ()) 
     fields become flags (``--x``, ``--x false``, ``--no_x``).
     """
     skip = set(skip)
+    if not isinstance(parser, ArgumentParser):  # a plain argparse parser (embedding, old callers)
+        return _add_to_argparse(parser, cls, skip)
     bools = [f for f in _bool_fields(cls) if f.name not in skip]
     with _attribute_docstrings():
         added = list(parser.add_class_arguments(cls, skip=skip | {f.name for f in bools}))
@@ -102,6 +104,33 @@ def add_options(parser: ArgumentParser, cls: type, *, skip: Iterable[str] = ()) 
     return added
 
 
+def _add_to_argparse(parser: Any, cls: type, skip: set[str]) -> list[str]:
+    """The same options on a plain ``argparse`` parser (scalars, optionals, lists, literals, flags)."""
+    hints, docs, added = typing.get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        kw: dict[str, Any] = {"help": docs.get(f.name, "").replace("%", "%%")}
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if hint is bool:
+            kw["action"] = "store_true"
+        elif typing.get_origin(hint) is typing.Literal:
+            kw["choices"] = args
+        elif list in (typing.get_origin(hint), *(typing.get_origin(a) for a in args)):
+            listed = hint if typing.get_origin(hint) is list else args[0]
+            kw.update(nargs="+", type=typing.get_args(listed)[0])
+        else:
+            kw["type"] = args[0] if len(args) == 1 else hint
+        parser.add_argument(f"--{f.name}", **kw)
+        added.append(f.name)
+    return added
+
+
 def plain(value: Any) -> Any:
     """A parsed value as plain Python (nested jsonargparse Namespaces -> dicts)."""
     if isinstance(value, Namespace):
@@ -111,7 +140,7 @@ def plain(value: Any) -> Any:
 
 def values(cfg: Namespace, names: Iterable[str]) -> dict[str, Any]:
     """``{name: value}`` for the top-level options ``names`` (nested groups as dicts)."""
-    return {n: plain(cfg[n]) for n in names if n in cfg}
+    return {n: plain(getattr(cfg, n)) for n in names if n in cfg}
 
 
 def build(cls: type, cfg: Namespace, **override: Any) -> Any:
@@ -130,4 +159,4 @@ def non_default(cfg: Namespace, cls: type, names: Iterable[str]) -> list[str]:
         elif f.default_factory is not dataclasses.MISSING:
             d = f.default_factory()
             defaults[f.name] = dataclasses.asdict(d) if dataclasses.is_dataclass(d) else d
-    return [n for n in names if n in cfg and n in defaults and plain(cfg[n]) != defaults[n]]
+    return [n for n in names if n in cfg and n in defaults and plain(getattr(cfg, n)) != defaults[n]]

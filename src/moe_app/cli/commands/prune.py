@@ -17,58 +17,77 @@ with code 2 and writes nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from jsonargparse import ArgumentParser, Namespace
+
+from moe_app.cli.commands._options import add_options, build
+from moe_app.core.pruning.enumerate import FALLBACKS
+from moe_app.core.pruning.experts import PRUNE_METHODS
 
 HELP = (
     "prune experts (enumeration / frequency / REAP / expert drop), calibrate skipping, drop layers or blocks"
 )
 
 
-def build_parser(parser: argparse.ArgumentParser) -> None:
-    from moe_app.core.pruning.enumerate import FALLBACKS
-    from moe_app.core.pruning.experts import PRUNE_METHODS
+@dataclass
+class PruneOptions:
+    """What to prune, on which calibration data, and where to write it."""
 
-    parser.add_argument("--ckpt", required=True, help="moe-app checkpoint dir or stock HF MoE model dir")
-    parser.add_argument(
-        "--out", required=True, help="output dir (same kind of checkpoint; written atomically)"
-    )
-    parser.add_argument(
-        "--keep", type=int, default=None, help="experts kept per MoE layer (r); omit to keep all"
-    )
-    parser.add_argument(
-        "--method", choices=PRUNE_METHODS, default="enumerate", help="expert selection method"
-    )
-    parser.add_argument(
-        "--scope", choices=("layer", "global"), default="layer", help="global: expert_drop across layers"
-    )
-    parser.add_argument(
-        "--data", default="builtin", help="calibration: builtin, builtin:<domain> or a file path"
-    )
-    parser.add_argument("--calib_samples", type=int, default=64, help="calibration sequences (default 64)")
-    parser.add_argument("--max_length", type=int, default=256, help="tokens per calibration sequence")
-    parser.add_argument("--batch_size", type=int, default=8, help="calibration sequences per forward")
-    parser.add_argument("--progressive", action="store_true", help="recompute inputs through pruned layers")
-    parser.add_argument(
-        "--max_subsets", type=int, default=20000, help="enumerate all subsets while C(E, r) <= this"
-    )
-    parser.add_argument("--fallback", choices=FALLBACKS, default="sample", help="above --max_subsets")
-    parser.add_argument("--skipping", action="store_true", help="calibrate dynamic skipping (moe-app only)")
-    parser.add_argument("--layer_drop", type=int, default=0, help="MoE sublayers to drop (He et al.)")
-    parser.add_argument("--block_drop", type=int, default=0, help="decoder blocks to delete (He et al.)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration choice and sampling")
-    parser.add_argument("--no_eval", action="store_true", help="skip the before/after calibration loss")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--report", default=None, help="also write the JSON report to this file")
+    ckpt: str
+    """moe-app checkpoint dir or stock HF MoE model dir."""
+    out: str
+    """Output dir (same kind of checkpoint; written atomically)."""
+    keep: int | None = None
+    """Experts kept per MoE layer (``r``); omit to keep all."""
+    method: Literal[PRUNE_METHODS] = "enumerate"  # type: ignore[valid-type]
+    """Expert selection method."""
+    scope: Literal["layer", "global"] = "layer"
+    """``global``: expert_drop across layers."""
+    data: str = "builtin"
+    """Calibration: ``builtin``, ``builtin:<domain>`` or a local jsonl/json/parquet/csv file or dir."""
+    calib_samples: int = 64
+    """Calibration sequences."""
+    max_length: int = 256
+    """Tokens per calibration sequence."""
+    batch_size: int = 8
+    """Calibration sequences per forward."""
+    progressive: bool = False
+    """Recompute inputs through the layers already pruned."""
+    max_subsets: int = 20000
+    """Enumerate all subsets while ``C(E, r)`` is at most this."""
+    fallback: Literal[FALLBACKS] = "sample"  # type: ignore[valid-type]
+    """Selection above ``--max_subsets``."""
+    skipping: bool = False
+    """Calibrate dynamic skipping (moe-app checkpoints only)."""
+    layer_drop: int = 0
+    """MoE sublayers to drop (He et al.)."""
+    block_drop: int = 0
+    """Decoder blocks to delete (He et al.)."""
+    seed: int = 0
+    """Seed of the calibration choice and sampling."""
+    no_eval: bool = False
+    """Skip the before/after calibration loss."""
+    overwrite: bool = False
+    """Replace ``--out`` if it exists."""
+    report: str | None = None
+    """Also write the JSON report to this file."""
 
 
-def run(args: argparse.Namespace) -> int:
+def build_parser(parser: ArgumentParser) -> None:
+    add_options(parser, PruneOptions)
+
+
+def run(cfg: Namespace) -> int:
     from moe_app.checkpoint.pruning import PruneJob, prune_checkpoint
     from moe_app.core.pruning.calibration import CalibrationConfig
     from moe_app.core.pruning.enumerate import EnumerationConfig
     from moe_app.core.pruning.experts import ExpertPruneConfig
 
+    args = build(PruneOptions, cfg)
     logging.basicConfig(level=logging.INFO, format="[moe-app] %(message)s")
     experts = None
     if args.keep is not None:

@@ -13,34 +13,42 @@ are picked up by name). The output directory is written atomically.
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
 
+from jsonargparse import ArgumentParser, Namespace
+
+from moe_app.cli.commands._options import add_options, build
 from moe_app.errors import ConfigError
 
 HELP = "write the built-in offline instruction suite (and its pretraining text) as JSONL files"
 
 
-def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory (replaced if it exists)")
-    parser.add_argument(
-        "--train_size", type=int, default=None, help="train records per domain (default 2000)"
-    )
-    parser.add_argument(
-        "--eval_size", type=int, default=None, help="val and test records per domain (default 100)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (the lookup world is fixed)")
-    parser.add_argument(
-        "--domains",
-        nargs="+",
-        default=None,
-        help="instruction domains to write (default: all, plus pretrain)",
-    )
+@dataclass
+class SuiteOptions:
+    """What to write, and where."""
+
+    out: str
+    """Output directory (replaced if it exists)."""
+    train_size: int | None = None
+    """Train records per domain (default 2000)."""
+    eval_size: int | None = None
+    """Val and test records per domain (default 100)."""
+    seed: int = 0
+    """Sampling seed (the lookup world is fixed)."""
+    domains: list[str] | None = None
+    """Instruction domains to write (default: all, plus pretrain)."""
 
 
-def run(args: argparse.Namespace) -> int:
+def build_parser(parser: ArgumentParser) -> None:
+    add_options(parser, SuiteOptions)
+
+
+def run(cfg: Namespace) -> int:
     from moe_app.core.data.synthetic import PRETRAIN, SPLITS, SUITE_DOMAINS, generate_domain
     from moe_app.core.utils.atomic import atomic_directory
+
+    args = build(SuiteOptions, cfg)
 
     domains = list(args.domains) if args.domains else [*SUITE_DOMAINS, PRETRAIN]
     unknown = [d for d in domains if d not in (*SUITE_DOMAINS, PRETRAIN)]

@@ -131,9 +131,14 @@ def neuron_importance(
     """``{i: I (G, F)}``: mean ``|h * dL/dh|`` at the input of ``layers[i].mlp.down_proj`` per group.
 
     ``labels[i] (N,)`` gives the group of each of the first ``N`` calibration tokens (same order as
-    ``capture_inputs``). ``h`` is re-rooted (detached, ``requires_grad``) at each W_down input:
-    ``dL/dh`` only depends on the graph downstream of ``h``, so this needs no parameter gradients
-    (works on frozen or quantised bases) and ``autograd.grad`` accumulates nothing in ``.grad``.
+    ``capture_inputs``). ``dL/dh`` is the full gradient: ``h`` of layer ``i`` reaches the loss
+    through every later layer, the MLPs of the other hooked layers included, so the captured W_down
+    inputs stay in the graph (not detached) and one ``autograd.grad`` over all of them gives every
+    layer's true gradient. (Re-rooting ``h`` at each hooked W_down input would cut, for every layer
+    but the last, all paths through the later hooked MLPs.) The graph is instead rooted once at the
+    input of the first selected decoder layer, upstream of every ``h``: ``dL/dh`` only depends on the
+    graph downstream of ``h``, so this needs no parameter gradients (works on frozen or quantised
+    bases) and ``autograd.grad`` accumulates nothing in ``.grad``.
     """
     _, layers = find_decoder_layers(model)
     budget = _TokenBudget(max_tokens)
@@ -143,13 +148,18 @@ def neuron_importance(
 
     def hook_for(i: int):
         def pre_hook(module, args):
-            h = args[0].detach().requires_grad_(True)
-            captured[i] = h
-            return (h, *args[1:])
+            captured[i] = args[0]  # in the graph: every path from h to the loss stays intact
 
         return pre_hook
 
+    def root(module, args, kwargs):
+        # Root the graph upstream of every hooked W_down input (no parameter needs requires_grad).
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+
     handles = [layers[i].mlp.down_proj.register_forward_pre_hook(hook_for(i)) for i in layer_ids]
+    handles.append(layers[min(layer_ids)].register_forward_pre_hook(root, with_kwargs=True))
     was_training = model.training
     model.eval()
     device = _device_of(model)

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from moe_app.core.data.protocols import DomainNames
+from moe_app.core.moe.block import find_moe_blocks
+from moe_app.core.moe.stats import example_nll, expert_load
 from moe_app.core.utils.params import count_parameters
 from moe_app.lightning.modules.report import DomainReport
 
@@ -54,8 +56,6 @@ class EvaluationMixin:
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # lm imports this module, so its helper is imported when the first batch arrives
-        from moe_app.lightning.modules.lm import per_example_nll
-
         assert self._report is not None
         t0 = time.perf_counter()
         logits = self.model(
@@ -64,7 +64,7 @@ class EvaluationMixin:
         self._eval_time += time.perf_counter() - t0
         self._eval_tokens += int(batch["attention_mask"].sum())
         self._accumulate_expert_load(batch["attention_mask"])
-        nll, ntok = per_example_nll(logits, batch["labels"])  # (B,), (B,)
+        nll, ntok = example_nll(logits, batch["labels"])  # (B,), (B,)
         domains = batch.get("domain") or [ALL_DOMAINS] * len(nll)
         correct: list[bool | None] = [None] * len(domains)
         rows = [i for i, p in enumerate(batch.get("prompt_ids", [])) if p]  # conversations, not plain text
@@ -85,16 +85,12 @@ class EvaluationMixin:
 
     def _accumulate_expert_load(self, attention_mask: Tensor) -> None:
         """Add this batch's top-k assignments per (MoE layer, expert), padding excluded."""
-        from moe_app.core.moe.block import find_moe_blocks
-
         mask = attention_mask.reshape(-1).bool()  # (T,)
         for name, block in find_moe_blocks(self.model):
             routing = block.last_routing
             if routing is None or routing.indices.shape[0] != mask.shape[0]:
                 continue
-            idx = routing.indices[mask]  # (T', k)
-            idx = idx[idx >= 0]
-            counts = torch.bincount(idx, minlength=routing.num_experts).double().cpu()  # (E,)
+            counts = expert_load(routing.indices, routing.num_experts, mask).double().cpu()  # (E,)
             prev = self._expert_load.get(name)
             self._expert_load[name] = counts if prev is None or prev.shape != counts.shape else prev + counts
 

@@ -34,7 +34,6 @@ from moe_app.lightning.modules.optim import OptimConfig, build_optimizer
 log = logging.getLogger("moe_app.lightning.modules")
 
 
-
 @dataclass
 class GenerationConfig:
     """Greedy generation used by ``test`` (exact-match accuracy) and ``predict``."""
@@ -369,18 +368,6 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
             "global_step": int(self.global_step),
             "hparams": dict(self.hparams),
         }
-
-
-def per_example_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token NLL and number of labelled tokens per example: ``(B,)``, ``(B,)``."""
-    shift_logits = logits[:, :-1].float()  # (B, S-1, V)
-    shift_labels = labels[:, 1:]  # (B, S-1)
-    mask = shift_labels != -100
-    nll = torch.nn.functional.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels.clamp_min(0), reduction="none"
-    )  # (B, S-1)
-    nll = (nll * mask).sum(dim=1)
-    return nll, mask.sum(dim=1)
 
 
 __all__ = ["CausalLMModule", "GenerationConfig", "ModelSource"]

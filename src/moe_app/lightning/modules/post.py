@@ -97,7 +97,9 @@ def _check_model_dir(path: Path, where: str, what: str = "") -> dict[str, Any]:
         ) from e
     except ValueError as e:
         raise CheckpointError(
-            f"{what}{CONFIG_FILE} is not valid JSON ({e}).", where=where, fix="re-run the stage that produced it"
+            f"{what}{CONFIG_FILE} is not valid JSON ({e}).",
+            where=where,
+            fix="re-run the stage that produced it",
         ) from e
 
 
@@ -130,7 +132,9 @@ def _check_pesc_adapter_dir(path: Path, where: str) -> dict[str, Any]:
         )
     if not is_local(base):
         return {}  # a hub id: checked when the base is downloaded
-    return _check_model_dir(Path(base).expanduser(), where, what=f"the PESC base model named in {PESC_META}: ")
+    return _check_model_dir(
+        Path(base).expanduser(), where, what=f"the PESC base model named in {PESC_META}: "
+    )
 
 
 class PostTrainModule(MoeLMModule):
@@ -209,13 +213,13 @@ def _with_pretrained(source: ModelSource | None, init_from: str) -> ModelSource:
 
 
 def describe_plain_data(dm: Any) -> dict[str, Any] | None:
-    """The lineage ``data`` of a data module that does not mix (an ``InstructionDataModule``): its
-    class and sources, from the public ``sources`` list (``SourceConfig``: name + where it came from)."""
+    """The lineage ``data`` of a data module that does not mix: its class and, for an
+    ``InstructionDataModule``, its sources (public ``sources``: name + where each came from)."""
+    from moe_app.lightning.data.instruction import InstructionDataModule
+
     if dm is None:
         return None
-    return {
-        "class": type(dm).__name__,
-        "sources": [
-            {"name": s.name, "from": s.path or s.hub or s.builtin} for s in getattr(dm, "sources", None) or []
-        ],
-    }
+    out: dict[str, Any] = {"class": type(dm).__name__}
+    if isinstance(dm, InstructionDataModule):
+        out["sources"] = [{"name": s.name, "from": s.path or s.hub or s.builtin} for s in dm.sources]
+    return out
