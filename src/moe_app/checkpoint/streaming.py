@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from moe_app.checkpoint.hub import check_local_model_dir, copy_tokenizer_files
 from moe_app.checkpoint.model_dir import unique_state_dict
+from moe_app.checkpoint.pretrained import read_lineage
 from moe_app.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, shard_files
 from moe_app.core.models.layers import dense_mlp_parts, find_decoder_layers
 from moe_app.core.spec import LayerSpec, MoeSpec
@@ -90,6 +91,7 @@ def upcycle_checkpoint_streaming(
     with atomic_directory(Path(out_dir)) as tmp:
         written = _stream_tensors(plan, cfg, ShardWriter(tmp, max_shard_size))
         spec = _result_spec(plan, cfg, written, trust_remote_code)
+        spec.merge_lineage(read_lineage(plan.src))  # the dense model's own stages come first
         spec.add_stage("upcycle", cfg.to_dict(), None)
         plan.config.save_pretrained(tmp)
         if (plan.src / "generation_config.json").is_file():

@@ -88,20 +88,37 @@ def add_options(parser: ArgumentParser, cls: type, *, skip: Iterable[str] = ()) 
     if not isinstance(parser, ArgumentParser):  # a plain argparse parser (embedding, old callers)
         return _add_to_argparse(parser, cls, skip)
     bools = [f for f in _bool_fields(cls) if f.name not in skip]
+    lists = {f.name: t for f in dataclasses.fields(cls) if f.name not in skip and (t := _list_item(cls, f))}
     with _attribute_docstrings():
-        added = list(parser.add_class_arguments(cls, skip=skip | {f.name for f in bools}))
+        added = list(parser.add_class_arguments(cls, skip=skip | {f.name for f in bools} | set(lists)))
     group = parser.groups.get(cls.__name__, parser) if getattr(parser, "groups", None) else parser
-    docs = field_docs(cls) if bools else {}
-    for f in bools:
-        group.add_argument(
-            f"--{f.name}",
-            action=ActionYesNo(yes_prefix="", no_prefix="no_"),
-            nargs="?",
-            default=f.default,
-            help=docs.get(f.name, ""),
-        )
+    docs = field_docs(cls) if bools or lists else {}
+    for f in dataclasses.fields(cls):
+        if f.name in lists:  # ``--x a b c``, as argparse's nargs="+"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            group.add_argument(f"--{f.name}", type=lists[f.name], nargs="+", default=default, help=docs[f.name])
+        elif f in bools:
+            group.add_argument(
+                f"--{f.name}",
+                action=ActionYesNo(yes_prefix="", no_prefix="no_"),
+                nargs="?",
+                default=f.default,
+                help=docs.get(f.name, ""),
+            )
+        else:
+            continue
         added.append(f.name)
     return added
+
+
+def _list_item(cls: type, f: dataclasses.Field) -> type | None:
+    """The item type of a ``list[T]`` / ``list[T] | None`` field of scalars, else ``None``."""
+    hint = typing.get_type_hints(cls)[f.name]
+    if typing.get_origin(hint) is not list:  # list[T] | None, not e.g. str | list[int]
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else None
+    item = typing.get_args(hint) if typing.get_origin(hint) is list else ()
+    return item[0] if item and item[0] in (str, int, float) else None
 
 
 def _add_to_argparse(parser: Any, cls: type, skip: set[str]) -> list[str]:

@@ -67,9 +67,22 @@ class UpcycleConfig:
     attention_moe: bool = False
     """Also turn attention into an MoE over GQA groups (LLaMA-MoE v2); combines with any MLP method."""
     attention_top_k: int | None = None
-    """Attention groups per token; default: all groups."""
+    """Attention groups per token; default: all ``G`` groups (``G`` = number of KV heads), with which
+    the defaults reproduce dense attention exactly. LLaMA-MoE v2 used 7 of 8 groups."""
     attention_scale: float | None = None
-    """Multiplier on the attention MoE output; default ``groups / attention_top_k`` (v2 used 4.0 for 7-of-8)."""
+    """Multiplier ``s`` on the attention MoE output; default ``G``, the number of groups. Dense attention
+    is the sum of the groups' outputs, so it needs every per-group multiplier ``s * w_g = 1``; with
+    all G groups selected the softmax weights sum to one, and the zero router of the default
+    ``attention_router_init`` makes each ``w_g = 1/G`` (under either rule), so ``s = G`` gives the
+    dense model exactly. (A non-uniform router cannot: its weights differ per group.) With
+    ``attention_top_k = k < G`` and renormalised routing the default gives each selected group
+    ``G / k`` at uniform weights, making up for the dropped groups like the partition scale ``E / k``.
+    LLaMA-MoE v2 used 7 of 8 groups with scale 4.0 (not dense-equivalent)."""
+    attention_router_init: str | None = None
+    """Attention router init (``normal``, ``zeros``, ``kmeans`` over the attention inputs). Default:
+    ``router_init``, except that its default ``normal`` becomes ``zeros`` when all groups are selected
+    (uniform weights: dense-equivalent with the default scale; the router still learns, its gradient
+    is non-zero). With ``k < G`` a zero router would send every token to the same ``k`` groups."""
     noisy_gating: bool = False
     """Router noisy gating (LLaMA-MoE v1), training only."""
     jitter: float = 0.0
@@ -125,6 +138,11 @@ class UpcycleConfig:
             raise bad(f"attention_top_k={self.attention_top_k} must be >= 1", "omit it to use all groups")
         if self.attention_scale is not None and not self.attention_scale > 0:
             raise bad(f"attention_scale={self.attention_scale} must be > 0", "omit it for the default")
+        if self.attention_router_init is not None and self.attention_router_init not in ROUTER_INITS:
+            raise bad(
+                f"unknown attention_router_init {self.attention_router_init!r}",
+                f"choose one of {', '.join(ROUTER_INITS)}, or omit it for the default",
+            )
         if self.calibration_tokens < 1 or self.kmeans_iters < 1:
             raise bad("calibration_tokens and kmeans_iters must be >= 1", "use the defaults")
         if self.method == "attention":
@@ -148,7 +166,25 @@ class UpcycleConfig:
     def needs_calibration(self) -> bool:
         """Whether surgery needs calibration tokens (importance split or kmeans router init)."""
         importance = self.builds_mlp_moe and self.method == "partition" and self.split == "importance"
-        return importance or self.router_init == "kmeans"
+        mlp_kmeans = self.builds_mlp_moe and self.router_init == "kmeans"
+        return importance or mlp_kmeans or self.attention_router_kmeans
+
+    @property
+    def attention_router_kmeans(self) -> bool:
+        """Whether the attention router is k-means initialised."""
+        return self.attention_moe and (self.attention_router_init or self.router_init) == "kmeans"
+
+    def resolved_attention_router_init(self, groups: int) -> str:
+        """The attention router init for a model with ``groups`` KV groups."""
+        if self.attention_router_init is not None:
+            return self.attention_router_init
+        if self.router_init == "normal" and (self.attention_top_k or groups) >= groups:
+            return "zeros"  # all groups: uniform weights, dense-equivalent with the default scale
+        return self.router_init
+
+    def resolved_attention_scale(self, groups: int) -> float:
+        """The attention MoE scale for a model with ``groups`` KV groups (default ``groups``)."""
+        return float(self.attention_scale) if self.attention_scale is not None else float(groups)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
