@@ -54,7 +54,10 @@ def test_explicit_choices_are_kept():
         assert b.router.top_k == 2 and b.scale == 4.0 and torch.count_nonzero(b.router.weight) > 0
     # LLaMA-MoE v2-style explicit values
     moe = upcycled(
-        dense, UpcycleConfig(method="attention", attention_top_k=3, attention_scale=2.5, attention_router_init="normal")
+        dense,
+        UpcycleConfig(
+            method="attention", attention_top_k=3, attention_scale=2.5, attention_router_init="normal"
+        ),
     )
     for b in _attention_blocks(moe):
         assert b.router.top_k == 3 and b.scale == 2.5 and torch.count_nonzero(b.router.weight) > 0

@@ -43,9 +43,10 @@ def _reference(model, layer: int, batches, labels: torch.Tensor) -> torch.Tensor
     down = model.model.layers[layer].mlp.down_proj
     sums = torch.zeros(GROUPS, down.in_features, dtype=torch.float64)
     start = 0
+    seen: list[torch.Tensor] = []
     for b in batches:
         ids, mask = b["input_ids"], b["attention_mask"]
-        seen = []
+        seen.clear()
         handle = down.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
         try:
             loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss

@@ -54,7 +54,8 @@ class UpcycleConfig:
     (residual MoE, v2: 1 shared + 7 routed); ``d_ff`` must divide into ``E + shared_experts`` chunks."""
     router_init: str = "normal"
     """Router weight init: ``normal(0, router_std)``, ``zeros`` (uniform routing) or ``kmeans``
-    (centroids of balanced k-means on the layer's MLP inputs over calibration data, v2)."""
+    (centroids of balanced k-means on the layer's MLP inputs over calibration data, v2). Also the
+    attention router's unless ``attention_router_init`` says otherwise (see there)."""
     router_std: float = 0.02
     """Std of the ``normal`` router init; ``kmeans`` centroids are rescaled to the same row norm."""
     layers: str | list[int] = "all"

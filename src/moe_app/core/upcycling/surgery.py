@@ -156,10 +156,11 @@ def router_tensor(
     hidden_size: int,
     centroids: Tensor | None = None,
     purpose: str = "router",
+    init: str | None = None,
 ) -> Tensor:
-    """The router init of one layer in float32 on CPU."""
+    """The router init of one layer in float32 on CPU (``init``: default ``cfg.router_init``)."""
     return init_router_weight(
-        cfg.router_init,
+        init or cfg.router_init,
         num_experts,
         hidden_size,
         std=cfg.router_std,
@@ -229,6 +230,7 @@ def upcycle(
                 raise ConfigError(f"`{where}.self_attn` is already an attention MoE", where="upcycle")
     groups = _num_kv_groups(model) if cfg.attention_moe else 0
     attn_k = cfg.attention_top_k or groups
+    attn_init = cfg.resolved_attention_router_init(groups) if cfg.attention_moe else None
     if cfg.attention_moe and attn_k > groups:
         raise ConfigError(
             f"attention_top_k={attn_k} > {groups} key/value groups",
@@ -243,7 +245,9 @@ def upcycle(
     if cfg.needs_calibration:
         if calibration is None:
             raise ConfigError(
-                f"split={cfg.split!r} / router_init={cfg.router_init!r} needs calibration data",
+                f"split={cfg.split!r} / router_init={cfg.router_init!r}"
+                + (f" / attention_router_init={attn_init!r}" if attn_init == "kmeans" else "")
+                + " needs calibration data",
                 where="upcycle",
                 fix="pass calibration batches (CLI: --calibration builtin or a .jsonl/.txt file), "
                 "or use a data-free split/router init",
@@ -266,7 +270,7 @@ def upcycle(
             importance = neuron_importance(
                 model, mlp_ids, batches, labels, cfg.num_experts, cfg.calibration_tokens
             )
-        if cfg.attention_moe and cfg.router_init == "kmeans":
+        if attn_init == "kmeans":
             a_states = capture_inputs(model, selected, batches, cfg.calibration_tokens, module="self_attn")
             for i, x in a_states.items():
                 _, attn_centroids[i] = balanced_kmeans(
@@ -298,12 +302,14 @@ def upcycle(
                 num_experts=groups,
                 top_k=attn_k,
                 rule=cfg.rule,
-                scale=cfg.attention_scale if cfg.attention_scale is not None else groups / attn_k,
+                scale=cfg.resolved_attention_scale(groups),
             )
             attn = layer.self_attn
             dtype = next(attn.parameters()).dtype
             wrapped = build_attention_moe(attn, aspec, hidden, dtype)
-            w = router_tensor(cfg, i, groups, hidden, attn_centroids.get(i), purpose="attn_router")
+            w = router_tensor(
+                cfg, i, groups, hidden, attn_centroids.get(i), purpose="attn_router", init=attn_init
+            )
             with torch.no_grad():
                 wrapped.router.weight.copy_(w)
             layer.self_attn = wrapped
