@@ -14,7 +14,7 @@ from conftest import tiny_llama_config
 from moe_app.checkpoint.model_dir import save_moe_checkpoint
 from moe_app.checkpoint.shards import INDEX_FILE, shard_files
 from moe_app.core.moe.block import SparseMoeBlock
-from moe_app.core.spec import SPEC_FILE, MoeSpec
+from moe_app.core.spec import SPEC_FILE, MoeSpec, spec_of
 from moe_app.core.upcycling import UpcycleConfig
 from moe_app.errors import CheckpointError
 from upcycling_helpers import build, logits, tokens, upcycled
@@ -64,7 +64,7 @@ def test_inherited_lineage_goes_before_the_surgery_and_is_not_repeated(tmp_path)
     from datetime import datetime, timedelta
 
     moe = _moe(layers="1")
-    surgery = moe.moe_app_spec.lineage[-1]
+    surgery = spec_of(moe).lineage[-1]
     t_surgery = datetime.fromisoformat(surgery["time"])
     dense = {"stage": "CausalLMModule", "time": (t_surgery - timedelta(seconds=30)).isoformat()}
     own = {"stage": "upcycle:copy", "time": (t_surgery + timedelta(seconds=5)).isoformat()}

@@ -166,7 +166,9 @@ def test_calibration_reader_is_the_prune_one(tmp_path):
     tok = suite_tokenizer(cache_dir=str(tmp_path / "tokcache"))
     f = tmp_path / "alpaca.jsonl"
     f.write_text(
-        "\n".join(json.dumps({"instruction": f"Add {i} and 1", "input": "", "output": str(i + 1)}) for i in range(9))
+        "\n".join(
+            json.dumps({"instruction": f"Add {i} and 1", "input": "", "output": str(i + 1)}) for i in range(9)
+        )
     )
     batches = calibration_batches(str(f), tok, seq_len=16, max_tokens=10_000)
     assert sum(int(b["attention_mask"].sum()) for b in batches) > 9

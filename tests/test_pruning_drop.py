@@ -22,7 +22,7 @@ from moe_app.core.pruning import (
 )
 from moe_app.core.pruning.calibration import normalize_batches
 from moe_app.core.pruning.drop import most_similar
-from moe_app.core.spec import SPEC_FILE
+from moe_app.core.spec import SPEC_FILE, spec_of
 from moe_app.core.upcycling import UpcycleConfig
 from moe_app.errors import MoeAppError
 from upcycling_helpers import build, logits, tokens, upcycled
@@ -79,7 +79,7 @@ def test_block_drop_moe_app_checkpoint(tmp_path):
     assert set(scores) == {0, 1, 2}
     drop_blocks(model, [1])
     assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
-    assert [lay.index for lay in model.moe_app_spec.layers] == [0, 1]
+    assert [lay.index for lay in spec_of(model).layers] == [0, 1]
     assert [a.self_attn.layer_idx for a in model.model.layers] == [0, 1]
     ids = tokens()
     out = save_moe_checkpoint(model, tmp_path / "bd")

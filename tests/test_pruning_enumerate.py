@@ -25,6 +25,7 @@ from moe_app.core.pruning.calibration import capture_block_io, normalize_batches
 from moe_app.core.pruning.enumerate import all_subsets, sample_subsets
 from moe_app.core.pruning.experts import reconstruction_loss
 from moe_app.core.pruning.saliency import top_experts
+from moe_app.core.spec import spec_of
 from moe_app.core.upcycling import UpcycleConfig
 from upcycling_helpers import build, logits, tokens, upcycled
 
@@ -253,7 +254,7 @@ def test_global_expert_drop_keeps_a_total_budget():
     report = prune_experts(model, _batches(), ExpertPruneConfig(keep=3, method="expert_drop", scope="global"))
     counts = [len(r.kept) for r in report.layers]
     assert sum(counts) == 6 and all(c >= 2 for c in counts)
-    assert model.moe_app_spec.pruning["experts"][-1]["scope"] == "global"
+    assert spec_of(model).pruning["experts"][-1]["scope"] == "global"
 
 
 @pytest.mark.parametrize("variant", ("adapter", "lora"))

@@ -11,6 +11,7 @@ from conftest import tiny_llama_config
 from moe_app.checkpoint.model_dir import save_moe_checkpoint
 from moe_app.core.pruning import apply_skipping, calibrate_skipping, moe_layer_views, skip_rates
 from moe_app.core.pruning.calibration import normalize_batches
+from moe_app.core.spec import spec_of
 from moe_app.core.upcycling import UpcycleConfig
 from moe_app.errors import MoeAppError
 from upcycling_helpers import build, logits, tokens, upcycled
@@ -53,7 +54,7 @@ def test_calibrated_beta_skips_about_half_and_round_trips(tmp_path):
     out = save_moe_checkpoint(model, tmp_path / "skip")
     loaded = moe_app.load_model(out)
     assert {lay: v.skip_beta for lay, v in moe_layer_views(loaded)} == pytest.approx(betas)
-    assert loaded.moe_app_spec.skipping == pytest.approx(betas)
+    assert spec_of(loaded).skipping == pytest.approx(betas)
     assert_close(logits(loaded, ids), after, rtol=0, atol=0)
 
 

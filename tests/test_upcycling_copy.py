@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import tiny_llama_config
 from moe_app.core.moe.block import SparseMoeBlock
+from moe_app.core.spec import spec_of
 from moe_app.core.upcycling import UpcycleConfig, upcycle
 from moe_app.core.upcycling.config import parse_layer_selection
 from moe_app.core.upcycling.copy import drop_indices
@@ -87,7 +88,7 @@ def test_layer_selection_forms():
     moe = upcycled(dense, UpcycleConfig(layers="every:2", num_experts=2, top_k=1))
     kinds = [isinstance(layer.mlp, SparseMoeBlock) for layer in moe.model.layers]
     assert kinds == [False, True, False, True]
-    assert moe.moe_app_spec.moe_layers() == [1, 3]
+    assert spec_of(moe).moe_layers() == [1, 3]
 
 
 def test_config_refusals():

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from conftest import tiny_llama_config
+from moe_app.core.spec import spec_of
 from moe_app.core.upcycling import UpcycleConfig
 from moe_app.core.upcycling.kmeans import balanced_assign, balanced_kmeans
 from moe_app.core.upcycling.partition import split_neurons
@@ -100,7 +101,7 @@ def test_importance_split_is_a_valid_partition_and_tracks_importance():
         match = (rows[:, None, :] == src[None]).all(-1).float().argmax(-1)  # (16,)
         owners.append(match)
     assert torch.equal(torch.cat(owners).sort().values, torch.arange(64))
-    spec = moe.moe_app_spec.layers[0].mlp
+    spec = spec_of(moe).layers[0].mlp
     assert spec.split == "importance" and spec.method == "partition"
 
 

@@ -14,7 +14,7 @@ from moe_app.checkpoint.hub import load_hf_causal_lm
 from moe_app.checkpoint.model_dir import save_moe_checkpoint
 from moe_app.checkpoint.shards import load_all, shard_files
 from moe_app.checkpoint.streaming import StreamingUnsupported, upcycle_checkpoint_streaming
-from moe_app.core.spec import SPEC_FILE
+from moe_app.core.spec import SPEC_FILE, spec_of
 from moe_app.core.upcycling import UpcycleConfig, upcycle
 from upcycling_helpers import logits, tokens
 
@@ -96,7 +96,7 @@ def test_cli_upcycle_streaming_and_load(sharded_llama, tmp_path, capsys):
     assert rc == 0
     assert "(streaming)" in capsys.readouterr().out
     model = moe_app.load_model(out)
-    assert model.moe_app_spec.moe_layers() == [0, 2]
+    assert spec_of(model).moe_layers() == [0, 2]
 
 
 def test_cli_upcycle_bad_input_exit_2_nothing_written(sharded_llama, tmp_path, capsys):

@@ -39,11 +39,12 @@ import torch
 from torch import Tensor, nn
 
 from moe_app.checkpoint.keymaps import FORMAT_ARCHITECTURES, FORMAT_KEYMAPS
-from moe_app.checkpoint.model_dir import SPEC_ATTR, load_model, unique_state_dict, write_model_dir
+from moe_app.checkpoint.model_dir import load_model, unique_state_dict, write_model_dir
 from moe_app.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE
 from moe_app.core.moe.block import SparseMoeBlock
 from moe_app.core.moe.experts import SwiGLUExperts
 from moe_app.core.moe.router import TopKRouter
+from moe_app.core.spec import spec_of
 from moe_app.errors import UnsupportedModelError
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
@@ -101,7 +102,7 @@ def _analyse(model: nn.Module) -> _Analysis:
             f"base family {a.model_type!r} has no exact counterpart among the stock MoE formats "
             f"(supported bases: {', '.join(KNOWN_BASES)})"
         )
-    spec = getattr(model, SPEC_ATTR, None)
+    spec = spec_of(model)
     if spec is not None and spec.adapters:
         a.common.append("the model has adapters (PESC); merge them into full experts first")
     attn0 = layers[0].self_attn

@@ -35,11 +35,9 @@ from moe_app.checkpoint.shards import (
     load_shard,
     shard_files,
 )
-from moe_app.core.spec import MoeSpec
+from moe_app.core.spec import MoeSpec, attach_spec, spec_of
 from moe_app.core.utils.atomic import atomic_directory
 from moe_app.errors import CheckpointError
-
-SPEC_ATTR = "moe_app_spec"
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -63,13 +61,13 @@ def is_moe_checkpoint(path: str | Path) -> bool:
 
 
 def current_spec(model: nn.Module, spec: MoeSpec | None = None) -> MoeSpec:
-    """``spec`` (or ``model.moe_app_spec``) with its structure refreshed from the live modules."""
+    """``spec`` (or the one attached to ``model``: :func:`~moe_app.core.spec.spec_of`) with its structure refreshed from the live modules."""
     from moe_app.core.upcycling.skeleton import describe_structure, skipping_from_model
 
-    spec = spec if spec is not None else getattr(model, SPEC_ATTR, None)
+    spec = spec if spec is not None else spec_of(model)
     if spec is None:
         raise CheckpointError(
-            "the model carries no moe-app surgery description (model.moe_app_spec)",
+            "the model carries no moe-app surgery description (moe_app.core.spec.spec_of(model) is None)",
             where="save_moe_checkpoint",
             fix="create the model with moe_app.core.upcycling.upcycle / moe_app.load_model, or pass spec=",
         )
@@ -167,7 +165,7 @@ def build_empty_model(
         apply_structure(model, spec)
         if spec.adapters:
             _apply_adapters(model, spec.adapters)
-        setattr(model, SPEC_ATTR, spec)
+        attach_spec(model, spec)
     return model
 
 

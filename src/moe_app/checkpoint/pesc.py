@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moe_app.checkpoint.names import PESC_ADAPTER_FILE, PESC_META
-from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
+from moe_app.core.pesc.config import PescConfig, is_pesc_trainable, pesc_config_of
 from moe_app.core.pesc.quantize import model_is_quantized
 from moe_app.core.pesc.surgery import build_pesc, pesc_blocks, pesc_skeleton, pesc_spec_slot, pesc_state_dict
 from moe_app.errors import CheckpointError, ConfigError
@@ -48,7 +48,7 @@ def save_pesc_adapters(
 
     from moe_app.core.utils.atomic import atomic_directory
 
-    cfg = cfg or getattr(model, "pesc_config", None)
+    cfg = cfg or pesc_config_of(model)
     if cfg is None:
         raise ConfigError("the model carries no PESC config", where="save_pesc_adapters", fix="pass cfg=")
     tensors = pesc_state_dict(model)
@@ -165,7 +165,7 @@ def save_pesc_full(
             where="save_full",
             fix="save the adapter-only checkpoint (the base is re-quantised on load), or train without quantize_4bit",
         )
-    cfg = cfg or getattr(model, "pesc_config", None)
+    cfg = cfg or pesc_config_of(model)
     slot = pesc_spec_slot(cfg) if pesc_blocks(model) and cfg is not None else None
     spec = MoeSpec(
         base_architecture=type(model).__name__,

@@ -27,6 +27,7 @@ from torch import nn
 from moe_app.core.models.views import model_kind
 from moe_app.core.pruning.calibration import CalibrationConfig, calibration_batches, eval_loss
 from moe_app.core.pruning.experts import ExpertPruneConfig, check_prunable, prune_experts
+from moe_app.core.spec import spec_of
 from moe_app.errors import ConfigError, UnsupportedModelError
 
 logger = logging.getLogger("moe_app.core.pruning")
@@ -140,7 +141,7 @@ def run_job(model: nn.Module, batches: list[dict[str, Any]], job: PruneJob) -> d
         logger.info(
             "skipping: betas %s, skip rate %.3f", {k: round(v, 4) for k, v in betas.items()}, rates["all"]
         )
-        spec = getattr(model, "moe_app_spec", None)
+        spec = spec_of(model)
         if spec is not None:
             spec.pruning = {**(spec.pruning or {}), "skipping_calibration": report["skipping"]}
     if job.eval_before_after:

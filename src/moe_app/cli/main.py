@@ -14,6 +14,7 @@ file) prints one readable line and exits with code 2; a traceback only with ``--
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -53,11 +54,11 @@ def _top_level_help() -> str:
 
 
 def _offline_help(name: str) -> str | None:
-    try:
-        module = importlib.import_module(f"moe_app.cli.commands.{name}")
-    except ModuleNotFoundError:
+    from moe_app.cli.commands import OFFLINE_COMMANDS
+
+    if importlib.util.find_spec(f"moe_app.cli.commands.{name}") is None:
         return None  # listed but not shipped yet
-    return getattr(module, "HELP", "")
+    return OFFLINE_COMMANDS[name]
 
 
 def _run_offline(name: str, argv: list[str]) -> int:

@@ -284,3 +284,20 @@ class MoeSpec:
                 f"invalid JSON ({e})", where=str(path), fix="repair or regenerate the file"
             ) from e
         return cls.from_dict(data, where=str(path))
+
+
+# ---------------------------------------------------------------------- the spec on a live model
+_SPEC_ATTR = "moe_app_spec"
+
+
+def attach_spec(model: Any, spec: MoeSpec) -> None:
+    """Record ``spec`` as the surgery description of ``model`` (what ``save_moe_checkpoint`` writes)."""
+    if not isinstance(spec, MoeSpec):
+        raise TypeError(f"attach_spec needs a MoeSpec, got {type(spec).__name__}")
+    object.__setattr__(model, _SPEC_ATTR, spec)  # a plain attribute, never a submodule or parameter
+
+
+def spec_of(model: Any) -> MoeSpec | None:
+    """The surgery description attached to ``model`` by moe-app's surgery or loader, if any."""
+    spec = model.__dict__.get(_SPEC_ATTR)
+    return spec if isinstance(spec, MoeSpec) else None

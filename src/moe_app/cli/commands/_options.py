@@ -26,6 +26,7 @@ from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 DEBUG_ENV = "MOE_APP_DEBUG"
 _KEY = re.compile(r'Parser key "([^"]+)":')  # jsonargparse's name for an option -> its flag
+_REQUIRED = re.compile(r"arguments are required: (.*)$")
 
 
 class OfflineArgumentParser(ArgumentParser):
@@ -35,6 +36,10 @@ class OfflineArgumentParser(ArgumentParser):
         if os.environ.get(DEBUG_ENV) == "1":
             return super().error(message, ex)
         first = _KEY.sub(r"--\1:", " ".join(str(message).split()))
+        required = _REQUIRED.search(first)
+        if required:
+            names = ", ".join("--" + n.strip().lstrip("-") for n in required.group(1).split(","))
+            first = first[: required.start(1)] + names
         sys.stderr.write(f"moe-app: error: {first}\nFix: see `{self.prog} --help`.\n")
         raise SystemExit(2)
 
@@ -96,7 +101,9 @@ def add_options(parser: ArgumentParser, cls: type, *, skip: Iterable[str] = ()) 
     for f in dataclasses.fields(cls):
         if f.name in lists:  # ``--x a b c``, as argparse's nargs="+"
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            group.add_argument(f"--{f.name}", type=lists[f.name], nargs="+", default=default, help=docs[f.name])
+            group.add_argument(
+                f"--{f.name}", type=lists[f.name], nargs="+", default=default, help=docs[f.name]
+            )
         elif f in bools:
             group.add_argument(
                 f"--{f.name}",

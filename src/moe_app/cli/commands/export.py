@@ -16,10 +16,11 @@ from typing import Literal
 from jsonargparse import ArgumentParser, Namespace
 
 from moe_app.checkpoint.export import FORMATS
+from moe_app.cli.commands import OFFLINE_COMMANDS
 from moe_app.cli.commands._options import add_options, build
 from moe_app.errors import ConfigError
 
-HELP = "export a moe-app checkpoint as a stock HF Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint"
+HELP = OFFLINE_COMMANDS["export"]
 
 Format = Literal[FORMATS]  # type: ignore[valid-type]
 
@@ -51,18 +52,18 @@ def _merged_pesc_model(src: Path):
     ``export_checkpoint`` merges LoRA experts itself but keeps the spec's ``adapters`` slot, which
     its analysis then refuses; the merged model has no adapters left, so the slot is dropped here.
     """
-    from moe_app.checkpoint.model_dir import SPEC_ATTR, load_model
+    from moe_app.checkpoint.model_dir import load_model
     from moe_app.core.moe.pesc import LoraExpertsMoeBlock
     from moe_app.core.pesc.merge import merge_pesc
-    from moe_app.core.spec import MoeSpec
+    from moe_app.core.spec import MoeSpec, spec_of
 
-    if not (MoeSpec.load(src).adapters or {}).get("kind") == "pesc":
+    if (MoeSpec.load(src).adapters or {}).get("kind") != "pesc":
         return None
     model = load_model(src)
     if not any(isinstance(m, LoraExpertsMoeBlock) for m in model.modules()):
         return None  # adapter variant: export_checkpoint refuses it with the reason
     model = merge_pesc(model)
-    spec = getattr(model, SPEC_ATTR, None)
+    spec = spec_of(model)
     if spec is not None:
         spec.adapters = None
     return model

@@ -24,13 +24,12 @@ from typing import Literal
 
 from jsonargparse import ArgumentParser, Namespace
 
+from moe_app.cli.commands import OFFLINE_COMMANDS
 from moe_app.cli.commands._options import add_options, build
 from moe_app.core.pruning.enumerate import FALLBACKS
 from moe_app.core.pruning.experts import PRUNE_METHODS
 
-HELP = (
-    "prune experts (enumeration / frequency / REAP / expert drop), calibrate skipping, drop layers or blocks"
-)
+HELP = OFFLINE_COMMANDS["prune"]
 
 
 @dataclass
@@ -69,8 +68,8 @@ class PruneOptions:
     """Decoder blocks to delete (He et al.)."""
     seed: int = 0
     """Seed of the calibration choice and sampling."""
-    no_eval: bool = False
-    """Skip the before/after calibration loss."""
+    eval: bool = True
+    """Report the calibration loss before and after (``--no_eval`` skips it)."""
     overwrite: bool = False
     """Replace ``--out`` if it exists."""
     report: str | None = None
@@ -112,7 +111,7 @@ def run(cfg: Namespace) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
         ),
-        eval_before_after=not args.no_eval,
+        eval_before_after=args.eval,
     )
     report = prune_checkpoint(args.ckpt, args.out, job, overwrite=args.overwrite)
     if args.report:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 from jsonargparse import ArgumentParser, Namespace
 
+from moe_app.cli.commands import OFFLINE_COMMANDS
 from moe_app.cli.commands._options import add_options, build
 from moe_app.errors import ConfigError
 
-HELP = "write the built-in offline instruction suite (and its pretraining text) as JSONL files"
+HELP = OFFLINE_COMMANDS["suite"]
 
 
 @dataclass

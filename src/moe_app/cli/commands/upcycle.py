@@ -28,14 +28,12 @@ from typing import Any, Literal
 
 from jsonargparse import ArgumentParser, Namespace
 
+from moe_app.cli.commands import OFFLINE_COMMANDS
 from moe_app.cli.commands._options import add_options, build, field_docs, non_default, values
 from moe_app.core.upcycling.config import METHODS, UpcycleConfig
 from moe_app.errors import ConfigError, DataError
 
-HELP = (
-    "turn a dense HF checkpoint into a Mixture-of-Experts checkpoint "
-    "(copy, noise, drop, partition, attention, pesc, pesc_lora)"
-)
+HELP = OFFLINE_COMMANDS["upcycle"]
 
 PESC_METHODS = {"pesc": "adapter", "pesc_lora": "lora"}
 """``--method`` values that build a PESC model, and the ``PescConfig.variant`` of each."""
@@ -186,7 +184,9 @@ def _check_paths(run: UpcycleRun) -> None:
         )
 
 
-def calibration_batches(source: str, tokenizer: Any, seq_len: int, max_tokens: int, seed: int = 0) -> list[dict]:
+def calibration_batches(
+    source: str, tokenizer: Any, seq_len: int, max_tokens: int, seed: int = 0
+) -> list[dict]:
     """Padded ``{"input_ids", "attention_mask"}`` batches of ``source`` until ``max_tokens`` real tokens.
 
     ``source`` is read like ``moe-app prune --data`` (builtin, builtin:<domain>, a local

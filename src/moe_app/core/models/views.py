@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_app.core.moe.router import combine_weights
+from moe_app.core.spec import spec_of
 from moe_app.errors import UnsupportedModelError
 
 HF_MOE_BLOCKS = (
@@ -363,11 +364,11 @@ def clone_model(model: nn.Module) -> nn.Module:
 
 
 def model_kind(model: nn.Module) -> str:
-    """``moe-app`` (carries ``moe_app_spec``), ``hf`` (stock transformers MoE) or ``dense``."""
+    """``moe-app`` (carries a ``MoeSpec``: :func:`~moe_app.core.spec.spec_of`), ``hf`` (stock transformers MoE) or ``dense``."""
     views = moe_layer_views(model)
     if not views:
         return "dense"
-    if getattr(model, "moe_app_spec", None) is not None or views[0][1].kind != "hf":
+    if spec_of(model) is not None or views[0][1].kind != "hf":
         return "moe-app"
     return "hf"
 

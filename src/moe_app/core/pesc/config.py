@@ -164,3 +164,20 @@ class PescConfig:
 def is_pesc_trainable(name: str) -> bool:
     """Whether a parameter name belongs to what PESC trains (and what its adapter checkpoint holds)."""
     return any(marker in name for marker in TRAINABLE_MARKERS)
+
+
+_CONFIG_ATTR = "moe_app_pesc_config"
+
+
+def attach_pesc_config(model: Any, cfg: PescConfig | None) -> None:
+    """Record (or, with ``None``, remove) the PESC config a model was crafted with."""
+    if cfg is None:
+        model.__dict__.pop(_CONFIG_ATTR, None)
+    else:
+        object.__setattr__(model, _CONFIG_ATTR, cfg)  # a plain attribute, never a submodule
+
+
+def pesc_config_of(model: Any) -> PescConfig | None:
+    """The PESC config attached by :func:`~moe_app.core.pesc.surgery.build_pesc`, if any."""
+    cfg = model.__dict__.get(_CONFIG_ATTR)
+    return cfg if isinstance(cfg, PescConfig) else None

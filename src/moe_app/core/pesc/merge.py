@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from moe_app.core.moe.pesc import PescMoeBlock, merge_lora_experts
+from moe_app.core.pesc.config import attach_pesc_config
 from moe_app.core.pesc.quantize import is_4bit, model_is_quantized
 from moe_app.core.pesc.surgery import pesc_blocks
 from moe_app.errors import UnsupportedModelError
@@ -57,6 +58,5 @@ def merge_pesc(model: nn.Module) -> nn.Module:
     for name, block in blocks:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, merge_lora_experts(block))
-    if hasattr(model, "pesc_config"):
-        del model.pesc_config
+    attach_pesc_config(model, None)
     return model

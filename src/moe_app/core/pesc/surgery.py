@@ -34,6 +34,7 @@ from moe_app.core.pesc.config import (
     SPEC_KIND,
     PeftLoraOptions,
     PescConfig,
+    attach_pesc_config,
     is_pesc_trainable,
 )
 from moe_app.core.pesc.quantize import quantize_base_4bit
@@ -100,7 +101,7 @@ def build_pesc(model: nn.Module, cfg: PescConfig) -> nn.Module:
     if cfg.peft_lora.enabled:
         inject_peft_lora(model, cfg.peft_lora)
     trainable = mark_pesc_trainable(model)
-    model.pesc_config = cfg
+    attach_pesc_config(model, cfg)
     log.info("PESC (%s): %d layers, %d trainable tensors", cfg.variant, len(chosen), len(trainable))
     return model
 

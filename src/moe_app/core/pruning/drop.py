@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from moe_app.core.models.layers import find_decoder_layers
 from moe_app.core.models.views import moe_layer_views
 from moe_app.core.pruning.calibration import normalize_batches, run_model
+from moe_app.core.spec import spec_of
 from moe_app.errors import ConfigError, UnsupportedModelError
 
 logger = logging.getLogger("moe_app.core.pruning")
@@ -174,7 +175,7 @@ def drop_mlp_layers(model: nn.Module, drop: Sequence[int]) -> nn.Module:
                 f"`{path}.{lay}.mlp` does not map 0 to 0 (it has biases), so zeroing its input norm does not drop it",
                 fix="layer drop supports bias-free MoE blocks",
             )
-    spec = getattr(model, "moe_app_spec", None)
+    spec = spec_of(model)
     if spec is not None:
         slot = dict(spec.pruning or {})
         slot["dropped_mlp_layers"] = sorted(set(slot.get("dropped_mlp_layers", [])) | {int(i) for i in drop})
@@ -235,7 +236,7 @@ def drop_blocks(model: nn.Module, drop: Sequence[int]) -> nn.Module:
         cfg.layer_types = [cfg.layer_types[i] for i in kept]
     if getattr(cfg, "max_window_layers", None) is not None:
         cfg.max_window_layers = min(int(cfg.max_window_layers), len(kept))
-    spec = getattr(model, "moe_app_spec", None)
+    spec = spec_of(model)
     if spec is not None:
         spec.layers = [spec.layers[i] for i in kept]
         for new_i, lay in enumerate(spec.layers):

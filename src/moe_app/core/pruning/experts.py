@@ -37,6 +37,7 @@ from moe_app.core.pruning.calibration import (
 )
 from moe_app.core.pruning.enumerate import EnumerationConfig, search_layer, subset_losses
 from moe_app.core.pruning.saliency import SALIENCY_METHODS, global_keep_counts, saliency_scores, top_experts
+from moe_app.core.spec import spec_of
 from moe_app.errors import ConfigError, UnsupportedModelError
 
 logger = logging.getLogger("moe_app.core.pruning")
@@ -242,7 +243,7 @@ def model_kind_of_views(views: list[tuple[int, MoeLayerView]]) -> str:
 
 def _record(model: nn.Module, report: PruneReport, cfg: ExpertPruneConfig) -> None:
     """Record the pruning in the moe-app spec (``pruning.experts``, appended to its history)."""
-    spec = getattr(model, "moe_app_spec", None)
+    spec = spec_of(model)
     if spec is None:
         return
     slot = dict(spec.pruning or {})

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from moe_app.core.models.views import MoeLayerView, moe_layer_views
 from moe_app.core.pruning.calibration import capture_block_io, normalize_batches, run_model
+from moe_app.core.spec import spec_of
 from moe_app.errors import UnsupportedModelError
 
 logger = logging.getLogger("moe_app.core.pruning")
@@ -80,7 +81,7 @@ def apply_skipping(model: nn.Module, betas: dict[int, float | None]) -> nn.Modul
                 f"layer {lay} has no MoE block to skip experts in", fix="check the layer index"
             )
         view.skip_beta = beta  # the HF view raises with the reason
-    spec = getattr(model, "moe_app_spec", None)
+    spec = spec_of(model)
     if spec is not None:
         spec.skipping = {lay: float(b) for lay, b in betas.items() if b is not None}
     return model

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from moe_app.core.models.layers import dense_mlp_parts, find_decoder_layers, hidden_act
 from moe_app.core.moe.block import SparseMoeBlock
-from moe_app.core.spec import AttentionMoeSpec, MlpMoeSpec, MoeSpec
+from moe_app.core.spec import AttentionMoeSpec, MlpMoeSpec, MoeSpec, attach_spec, spec_of
 from moe_app.core.upcycling.calibration import capture_inputs, neuron_importance, normalize_batches
 from moe_app.core.upcycling.config import UpcycleConfig
 from moe_app.core.upcycling.copy import copy_experts
@@ -32,8 +32,6 @@ from moe_app.core.upcycling.rng import layer_generator
 from moe_app.core.upcycling.router_init import init_router_weight
 from moe_app.core.upcycling.skeleton import build_attention_moe, build_mlp_moe, describe_structure
 from moe_app.errors import ConfigError, UnsupportedModelError
-
-SPEC_ATTR = "moe_app_spec"
 
 
 @dataclass
@@ -177,7 +175,7 @@ def _num_kv_groups(model: nn.Module) -> int:
 
 
 def _already_done(model: nn.Module, cfg: UpcycleConfig) -> bool:
-    spec = getattr(model, SPEC_ATTR, None)
+    spec = spec_of(model)
     if spec is None:
         return False
     stages = [s for s in spec.lineage if s.get("stage") == "upcycle"]
@@ -195,7 +193,7 @@ def upcycle(
 
     ``calibration`` (an iterable of ``input_ids (B, S)`` tensors, ``(input_ids, attention_mask)``
     pairs or dicts) is required by ``split='importance'`` and ``router_init='kmeans'``.
-    The surgery is recorded as ``model.moe_app_spec`` (a ``MoeSpec``; ``save_moe_checkpoint`` writes
+    The surgery is attached to the model (:func:`~moe_app.core.spec.spec_of`, a ``MoeSpec``; ``save_moe_checkpoint`` writes
     it). Calling again with the same config on the result is a no-op (idempotent
     ``configure_model``).
     """
@@ -278,7 +276,7 @@ def upcycle(
                 )
 
     # ---- surgery
-    previous = getattr(model, SPEC_ATTR, None)
+    previous = spec_of(model)
     for i in selected:
         layer = layers[i]
         if cfg.builds_mlp_moe:
@@ -331,5 +329,5 @@ def upcycle(
             spec.layers[i].mlp.method = cfg.method
             spec.layers[i].mlp.split = cfg.split if cfg.method == "partition" else None
     spec.add_stage("upcycle", cfg.to_dict(), data_description)
-    setattr(model, SPEC_ATTR, spec)
+    attach_spec(model, spec)
     return model
