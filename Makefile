@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 LOCK    = requirements.lock
-EXTRAS  = dev
+EXTRAS  = dev,gguf,eval
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.moe-app-installed
 PIP     = $(BIN)/python -m pip --disable-pip-version-check

@@ -179,3 +179,19 @@ def test_lineage_times_are_utc_now():
 
     t = datetime.fromisoformat(utc_now())
     assert t.tzinfo is not None and abs(datetime.now(timezone.utc) - t) < timedelta(minutes=1)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_upcycle_command_keeps_the_dense_lineage_first(tiny_llama_dir: Path, tmp_path: Path, streaming: bool):
+    from moe_app.checkpoint.pretrained import write_lineage_file
+    from moe_app.cli.main import main
+
+    dense = {"stage": "CausalLMModule", "time": "2026-01-02T03:04:05.000+00:00", "config": {}, "data": None}
+    write_lineage_file(tiny_llama_dir, [dense])
+    out = tmp_path / "moe"
+    args = ["upcycle", "--model", str(tiny_llama_dir), "--out", str(out), "--method", "copy"]
+    args += ["--num_experts", "4", "--top_k", "2", "--streaming", "on" if streaming else "off"]
+    assert main(args) == 0
+    lineage = read_lineage(out)
+    assert [e["stage"] for e in lineage] == ["CausalLMModule", "upcycle"]
+    assert lineage[0]["time"] == dense["time"]

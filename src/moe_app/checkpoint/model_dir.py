@@ -35,6 +35,7 @@ from moe_app.checkpoint.shards import (
     load_shard,
     shard_files,
 )
+from moe_app.checkpoint.spec_file import read_spec, write_spec
 from moe_app.core.spec import MoeSpec, attach_spec, spec_of
 from moe_app.core.utils.atomic import atomic_directory
 from moe_app.errors import CheckpointError
@@ -109,7 +110,7 @@ def save_moe_checkpoint(
         tokenizer=tokenizer,
         tokenizer_dir=tokenizer_dir,
         max_shard_size=max_shard_size,
-        extra=spec.save,
+        extra=lambda tmp: write_spec(tmp, spec),
     )
 
 
@@ -252,7 +253,7 @@ def load_model(
             where=str(p),
             fix="copy the base model's config.json into the checkpoint dir, or regenerate it",
         )
-    spec = MoeSpec.load(p)
+    spec = read_spec(p)
     config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     resolved = resolve_dtype(dtype)
     if resolved in (None, "auto"):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moe_app.checkpoint.names import PESC_ADAPTER_FILE, PESC_META
+from moe_app.checkpoint.spec_file import read_spec
 from moe_app.core.pesc.config import PescConfig, is_pesc_trainable, pesc_config_of
 from moe_app.core.pesc.quantize import model_is_quantized
 from moe_app.core.pesc.surgery import build_pesc, pesc_blocks, pesc_skeleton, pesc_spec_slot, pesc_state_dict
@@ -186,9 +187,8 @@ def load_pesc_full(path: str | Path, dtype: torch.dtype | str | None = None) -> 
     from moe_app.checkpoint.hub import resolve_dtype
     from moe_app.checkpoint.model_dir import build_empty_model, load_state_dict_strict
     from moe_app.checkpoint.shards import checkpoint_dtype
-    from moe_app.core.spec import MoeSpec
 
-    spec = MoeSpec.load(path)
+    spec = read_spec(path)
     resolved = resolve_dtype(dtype)
     if resolved in (None, "auto"):
         resolved = checkpoint_dtype(path) or torch.float32

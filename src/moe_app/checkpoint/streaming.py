@@ -31,6 +31,7 @@ from moe_app.checkpoint.hub import check_local_model_dir, copy_tokenizer_files
 from moe_app.checkpoint.model_dir import unique_state_dict
 from moe_app.checkpoint.pretrained import read_lineage
 from moe_app.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, shard_files
+from moe_app.checkpoint.spec_file import write_spec
 from moe_app.core.models.layers import dense_mlp_parts, find_decoder_layers
 from moe_app.core.spec import LayerSpec, MoeSpec
 from moe_app.core.upcycling.config import UpcycleConfig
@@ -97,7 +98,7 @@ def upcycle_checkpoint_streaming(
         if (plan.src / "generation_config.json").is_file():
             GenerationConfig.from_pretrained(str(plan.src)).save_pretrained(tmp)
         copy_tokenizer_files(plan.src, tmp)
-        spec.save(tmp)
+        write_spec(tmp, spec)
     return spec
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from moe_app.core.moe.router import routing_problem
@@ -262,28 +261,6 @@ class MoeSpec:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / SPEC_FILE
-        path.write_text(self.to_json())
-        return path
-
-    @classmethod
-    def load(cls, directory: str | Path) -> MoeSpec:
-        path = Path(directory) / SPEC_FILE
-        if not path.is_file():
-            raise CheckpointError(
-                f"missing {SPEC_FILE}",
-                where=str(directory),
-                fix="this is not a moe-app checkpoint; create one with `moe-app upcycle`",
-            )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(
-                f"invalid JSON ({e})", where=str(path), fix="repair or regenerate the file"
-            ) from e
-        return cls.from_dict(data, where=str(path))
 
 
 # ---------------------------------------------------------------------- the spec on a live model

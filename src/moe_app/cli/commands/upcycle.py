@@ -230,7 +230,9 @@ def run(cfg: Namespace) -> int:
 def _run_upcycle(ucfg: UpcycleConfig, opts: UpcycleRun) -> int:
     from moe_app.checkpoint.hub import check_local_model_dir, is_local, load_hf_causal_lm, load_tokenizer
     from moe_app.checkpoint.model_dir import save_moe_checkpoint
+    from moe_app.checkpoint.pretrained import read_lineage
     from moe_app.checkpoint.streaming import streaming_reason, upcycle_checkpoint_streaming
+    from moe_app.core.spec import spec_of
     from moe_app.core.upcycling import upcycle
 
     _check_paths(opts)
@@ -282,8 +284,9 @@ def _run_upcycle(ucfg: UpcycleConfig, opts: UpcycleRun) -> int:
             tokenizer=None if local else tokenizer,
             tokenizer_dir=opts.model if local else None,
             max_shard_size=opts.max_shard_size,
+            lineage=read_lineage(opts.model) if local else None,  # the dense model's own stages first
         )
-        spec = model.moe_app_spec
+        spec = spec_of(model)
         mode = "in-memory"
     moe = spec.moe_layers()
     print(

@@ -10,9 +10,10 @@ from __future__ import annotations
 from torch import nn
 
 from moe_app.core.moe.pesc import PescMoeBlock, merge_lora_experts
-from moe_app.core.pesc.config import attach_pesc_config
+from moe_app.core.pesc.config import SPEC_KIND, attach_pesc_config
 from moe_app.core.pesc.quantize import is_4bit, model_is_quantized
 from moe_app.core.pesc.surgery import pesc_blocks
+from moe_app.core.spec import spec_of
 from moe_app.errors import UnsupportedModelError
 
 
@@ -59,4 +60,7 @@ def merge_pesc(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, merge_lora_experts(block))
     attach_pesc_config(model, None)
+    spec = spec_of(model)
+    if spec is not None and (spec.adapters or {}).get("kind") == SPEC_KIND:
+        spec.adapters = None  # the merged model is a plain MoE: nothing of PESC is left to describe
     return model
