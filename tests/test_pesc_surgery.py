@@ -7,7 +7,8 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from moe_app.checkpoint.pesc import load_pesc_full, load_pesc_model, save_pesc_adapters, save_pesc_full
+import moe_app
+from moe_app.checkpoint.pesc import load_pesc_model, save_pesc_adapters, save_pesc_full
 from moe_app.core.moe.pesc import LoraExpertsMoeBlock, PescMoeBlock
 from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
 from moe_app.core.pesc.merge import merge_pesc
@@ -116,7 +117,7 @@ def test_full_checkpoint_round_trip(tiny_llama_dir, tmp_path):
     model.eval()
     expected = _logits(model)
     save_pesc_full(model, tmp_path / "full", source=str(tiny_llama_dir))
-    back = load_pesc_full(tmp_path / "full")
+    back = moe_app.load_model(tmp_path / "full")
     assert torch.equal(_logits(back), expected)
 
 

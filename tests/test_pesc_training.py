@@ -10,7 +10,8 @@ import torch
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
-from moe_app.checkpoint.pesc import load_pesc_full, load_pesc_model
+import moe_app
+from moe_app.checkpoint.pesc import load_pesc_model
 from moe_app.core.moe.losses import load_balancing_loss
 from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
 from moe_app.core.pesc.surgery import pesc_blocks
@@ -67,7 +68,7 @@ def test_fit_trains_only_pesc_params_and_saves_a_reloadable_model(tiny_llama_dir
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     out = tmp_path / "model"
-    back = load_pesc_full(out) if save_full else load_pesc_model(out)
+    back = moe_app.load_model(out) if save_full else load_pesc_model(out)
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids).logits, expected)
     trainer.save_checkpoint(tmp_path / "last.ckpt")

@@ -36,6 +36,8 @@ from moe_app.checkpoint.shards import (
     shard_files,
 )
 from moe_app.checkpoint.spec_file import read_spec, write_spec
+from moe_app.core.pesc.config import SPEC_KIND as PESC_KIND
+from moe_app.core.pesc.surgery import pesc_skeleton
 from moe_app.core.spec import MoeSpec, attach_spec, spec_of
 from moe_app.core.utils.atomic import atomic_directory
 from moe_app.errors import CheckpointError
@@ -170,23 +172,20 @@ def build_empty_model(
     return model
 
 
-# Adapter kinds recorded in moe_app.json's ``adapters`` slot -> "module:function" that rebuilds them.
-ADAPTER_SKELETONS = {"pesc": "moe_app.core.pesc.surgery:pesc_skeleton"}
+# Adapter kinds recorded in moe_app.json's ``adapters`` slot -> the core function that rebuilds them.
+ADAPTER_SKELETONS: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {PESC_KIND: pesc_skeleton}
 
 
 def _apply_adapters(model: nn.Module, slot: dict[str, Any]) -> None:
-    import importlib
-
     kind = slot.get("kind") if isinstance(slot, dict) else None
-    target = ADAPTER_SKELETONS.get(str(kind))
-    if target is None:
+    skeleton = ADAPTER_SKELETONS.get(str(kind))
+    if skeleton is None:
         raise CheckpointError(
             f"unknown adapters kind {kind!r}",
             where=SPEC_FILE,
             fix=f"known kinds: {', '.join(ADAPTER_SKELETONS)}; upgrade moe-app if the checkpoint is newer",
         )
-    module, fn = target.split(":")
-    getattr(importlib.import_module(module), fn)(model, slot)
+    skeleton(model, slot)
 
 
 def load_state_dict_strict(model: nn.Module, ckpt_dir: str | Path) -> None:
@@ -231,22 +230,33 @@ def load_model(
     device: torch.device | str | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """A ready ``PreTrainedModel`` (eval mode) from a moe-app checkpoint dir or a plain HF model.
+    """A ready ``PreTrainedModel`` (eval mode) from any directory moe-app writes or reads.
 
-    For a moe-app dir the MoE structure is rebuilt from ``moe_app.json`` and the weights are
-    loaded strictly; skipping thresholds are applied to the routers. Anything else is loaded with
-    ``AutoModelForCausalLM.from_pretrained`` (``trust_remote_code`` off unless asked). ``dtype``
-    defaults to the checkpoint's.
+    The first entry of :data:`LOADERS` that recognises the directory loads it: a PESC adapter-only
+    dir (base model + adapters and routers on top), a moe-app checkpoint dir (MoE structure and
+    adapters rebuilt from ``moe_app.json``, weights loaded strictly, skipping thresholds applied),
+    or anything else through ``AutoModelForCausalLM.from_pretrained`` (``trust_remote_code`` off
+    unless asked). ``dtype`` defaults to the checkpoint's.
     """
     p = Path(path).expanduser()
-    from moe_app.checkpoint.pesc import is_pesc_adapter_dir, load_pesc_model
+    for _, recognises, load in LOADERS:
+        if recognises(p):
+            return load(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    raise AssertionError("the last loader accepts every path")  # pragma: no cover
 
-    if is_pesc_adapter_dir(p):  # PESC adapter-only dir: base model + adapters and routers on top
-        return load_pesc_model(p, dtype=dtype, device=device)
-    if not is_moe_checkpoint(p):
-        return load_hf_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device)
+
+def _load_pesc_adapter_dir(
+    path: str | Path, *, dtype: Any, device: Any, trust_remote_code: bool
+) -> nn.Module:
+    from moe_app.checkpoint.pesc import load_pesc_model
+
+    return load_pesc_model(path, dtype=dtype, device=device)
+
+
+def _load_moe_dir(path: str | Path, *, dtype: Any, device: Any, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoConfig
 
+    p = Path(path).expanduser()
     if not (p / CONFIG_FILE).is_file():
         raise CheckpointError(
             f"missing {CONFIG_FILE} (the base model's config)",
@@ -263,3 +273,22 @@ def load_model(
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _load_hf_dir(path: str | Path, *, dtype: Any, device: Any, trust_remote_code: bool) -> nn.Module:
+    return load_hf_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device)
+
+
+def _is_pesc_adapter_dir(path: Path) -> bool:
+    from moe_app.checkpoint.pesc import is_pesc_adapter_dir
+
+    return is_pesc_adapter_dir(path)
+
+
+# The one loader registry: (name, recognises(dir), load(dir, dtype=, device=, trust_remote_code=)),
+# tried in order; the last accepts everything (a plain HF dir, a hub id, a .gguf file).
+LOADERS: tuple[tuple[str, Callable[[Path], bool], Callable[..., nn.Module]], ...] = (
+    ("pesc-adapters", _is_pesc_adapter_dir, _load_pesc_adapter_dir),
+    ("moe-app", is_moe_checkpoint, _load_moe_dir),
+    ("hugging-face", lambda _: True, _load_hf_dir),
+)

@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from moe_app.checkpoint.names import PESC_ADAPTER_FILE, PESC_META
-from moe_app.checkpoint.spec_file import read_spec
 from moe_app.core.pesc.config import PescConfig, is_pesc_trainable, pesc_config_of
 from moe_app.core.pesc.quantize import model_is_quantized
-from moe_app.core.pesc.surgery import build_pesc, pesc_blocks, pesc_skeleton, pesc_spec_slot, pesc_state_dict
+from moe_app.core.pesc.surgery import build_pesc, pesc_blocks, pesc_spec_slot, pesc_state_dict
 from moe_app.errors import CheckpointError, ConfigError
 
 ADAPTER_FILE = PESC_ADAPTER_FILE
@@ -178,22 +177,3 @@ def save_pesc_full(
     return save_moe_checkpoint(
         model, path, spec, tokenizer=tokenizer, stage=stage, stage_config=cfg.to_dict() if cfg else None
     )
-
-
-def load_pesc_full(path: str | Path, dtype: torch.dtype | str | None = None) -> nn.Module:
-    """Load a full PESC checkpoint dir (until ``moe_app.load_model`` dispatches the ``adapters`` slot itself)."""
-    from transformers import AutoConfig
-
-    from moe_app.checkpoint.hub import resolve_dtype
-    from moe_app.checkpoint.model_dir import build_empty_model, load_state_dict_strict
-    from moe_app.checkpoint.shards import checkpoint_dtype
-
-    spec = read_spec(path)
-    resolved = resolve_dtype(dtype)
-    if resolved in (None, "auto"):
-        resolved = checkpoint_dtype(path) or torch.float32
-    model = build_empty_model(AutoConfig.from_pretrained(str(path)), spec, resolved)
-    if spec.adapters:
-        pesc_skeleton(model, spec.adapters)
-    load_state_dict_strict(model, path)
-    return model.eval()
