@@ -16,7 +16,6 @@ and reports a non-GGUF, truncated or unsupported file in one line.
 from __future__ import annotations
 
 import importlib.util
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +109,19 @@ def require_gguf_package() -> None:
 
 
 # --------------------------------------------------------------------------- header parser
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -133,7 +144,7 @@ def _string(f: BinaryIO) -> bytes:
     return _read(f, _unpack(f, "<Q"))
 
 
-def _value(f: BinaryIO, vtype: int, keep: bool) -> Any:
+def _value(f: BinaryIO, vtype: int) -> Any:
     if vtype in _SCALARS:
         return _unpack(f, _SCALARS[vtype])
     if vtype == _STRING:
@@ -144,7 +155,7 @@ def _value(f: BinaryIO, vtype: int, keep: bool) -> Any:
             _read(f, struct.calcsize(_SCALARS[etype]) * n)
             return None
         for _ in range(n):
-            _value(f, etype, keep=False)
+            _value(f, etype)
         return None
     raise ValueError(f"unknown metadata value type {vtype}")
 
@@ -178,7 +189,7 @@ def read_gguf_header(path: str | Path) -> dict[str, Any]:
             meta: dict[str, Any] = {}
             for _ in range(n_kv):
                 key = _string(f).decode("utf-8", "replace")
-                value = _value(f, _unpack(f, "<I"), keep=True)
+                value = _value(f, _unpack(f, "<I"))
                 if value is not None:
                     meta[key] = value
             tensors = []
@@ -190,8 +201,7 @@ def read_gguf_header(path: str | Path) -> dict[str, Any]:
             header_end = f.tell()
         except (_Truncated, ValueError, UnicodeDecodeError, struct.error) as e:
             raise CheckpointError(
-                "truncated or corrupt GGUF file (its header does not parse"
-                + (f": {e})" if str(e) else ")"),
+                "truncated or corrupt GGUF file (its header does not parse" + (f": {e})" if str(e) else ")"),
                 where=where,
                 fix="download it again (`moe-app fetch NAME` re-fetches a bad file)",
             ) from e
@@ -287,7 +297,3 @@ def load_gguf_tokenizer(path: str | Path) -> Any:
         raise CheckpointError(
             f"transformers could not read the tokenizer of this GGUF file ({e})", where=str(path)
         ) from e
-
-
-def env_cache_note() -> str:
-    return "MOE_APP_CACHE" if os.environ.get("MOE_APP_CACHE") else "~/.cache/moe_app"

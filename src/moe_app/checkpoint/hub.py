@@ -2,7 +2,12 @@
 
 A thin layer over ``transformers`` whose only job is to fail early and readably: a local path
 without ``config.json`` or without weights is reported with the file that is missing and the
-fix, instead of a deep transformers traceback. Remote code stays off unless asked for
+fix, instead of a deep transformers traceback.
+
+A path ending in ``.gguf`` is a dense model in one GGUF file (see :mod:`moe_app.checkpoint.gguf`):
+``load_hf_causal_lm`` dequantises it to a float model and ``load_tokenizer`` reads the tokenizer
+and chat template from the same file. Such a source is always loaded in memory (like a hub id):
+the streaming upcycle path needs safetensors shards, so ``is_local`` is false for it. Remote code stays off unless asked for
 (``trust_remote_code=False``): a checkpoint must not run code just by being loaded.
 """
 
@@ -13,6 +18,12 @@ from typing import Any
 
 import torch
 
+from moe_app.checkpoint.gguf import (
+    check_gguf_file,
+    is_gguf_path,
+    load_gguf_causal_lm,
+    load_gguf_tokenizer,
+)
 from moe_app.checkpoint.names import CONFIG_FILE
 from moe_app.errors import CheckpointError
 
@@ -50,6 +61,9 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
 
 
 def is_local(name_or_path: str | Path) -> bool:
+    """Whether ``name_or_path`` is a local model *directory* path (not a hub id, not a ``.gguf`` file)."""
+    if is_gguf_path(name_or_path):
+        return False
     return Path(name_or_path).exists() or str(name_or_path).startswith((".", "/", "~"))
 
 
@@ -62,6 +76,14 @@ def check_local_model_dir(path: str | Path) -> Path:
     from moe_app.checkpoint.shards import verify_shards
 
     p = Path(path).expanduser()
+    if is_gguf_path(p):
+        raise CheckpointError(
+            "a GGUF file is not a model directory: it is a dense source, loaded in memory",
+            where=str(p),
+            fix="pass it where a dense model is read (`moe-app upcycle --model X.gguf` without "
+            "--streaming on, or source.pretrained: X.gguf); commands that read a checkpoint dir take "
+            "the safetensors dir written from it",
+        )
     if not p.is_dir():
         raise CheckpointError(
             "directory not found", where=str(p), fix="check the path (or pass a hub id like org/name)"
@@ -85,6 +107,9 @@ def load_hf_causal_lm(
     """A dense (or stock MoE) ``AutoModelForCausalLM`` from a local dir or hub id, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    if is_gguf_path(name_or_path):
+        model = load_gguf_causal_lm(name_or_path, dtype=dtype)
+        return model.to(device_map) if isinstance(device_map, (str, torch.device)) else model
     src = str(name_or_path)
     if is_local(name_or_path):
         src = str(check_local_model_dir(name_or_path))
@@ -117,6 +142,14 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, re
     """The tokenizer of a model dir or hub id; ``None`` if it has none (unless ``required``)."""
     from transformers import AutoTokenizer
 
+    if is_gguf_path(name_or_path):
+        check_gguf_file(name_or_path)  # a missing / bad file is an error even when not required
+        try:
+            return load_gguf_tokenizer(name_or_path)
+        except CheckpointError:
+            if required:
+                raise
+            return None
     if is_local(name_or_path):
         p = Path(name_or_path).expanduser()
         if not any((p / f).is_file() for f in TOKENIZER_FILES):
@@ -136,10 +169,16 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, re
 
 
 def copy_tokenizer_files(src_dir: str | Path, out_dir: str | Path) -> list[str]:
-    """Copy the tokenizer files present in ``src_dir`` (byte-for-byte); returns their names."""
+    """Copy the tokenizer files present in ``src_dir`` (byte-for-byte); returns their names.
+
+    For a ``.gguf`` source the tokenizer stored in the file is written with ``save_pretrained``.
+    """
     import shutil
 
     src, out = Path(src_dir), Path(out_dir)
+    if is_gguf_path(src):  # the tokenizer inside a GGUF file, written as ordinary tokenizer files
+        tokenizer = load_tokenizer(src)
+        return [Path(f).name for f in tokenizer.save_pretrained(str(out))] if tokenizer is not None else []
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():

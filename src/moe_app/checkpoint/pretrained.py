@@ -28,17 +28,26 @@ def save_pretrained_dir(
     tokenizer: Any | None = None,
     lineage: list[dict[str, Any]] | None = None,
     max_shard_size: str = "2GB",
+    *,
+    tokenizer_dir: str | Path | None = None,
 ) -> Path:
     """Save ``model`` (a PreTrainedModel) with safetensors, plus tokenizer and lineage, atomically.
 
-    ``lineage`` is the full list of stages that produced the model (see :func:`read_lineage`); it
-    goes to :data:`~moe_app.checkpoint.names.LINEAGE_FILE`, which stock transformers ignores.
+    The writer of every plain Hugging Face dir moe-app produces (dense training, a pruned stock MoE).
+    The tokenizer is ``tokenizer.save_pretrained`` or, without one, the files copied from
+    ``tokenizer_dir``. ``lineage`` is the full list of stages that produced the model (see
+    :func:`read_lineage`); it goes to :data:`~moe_app.checkpoint.names.LINEAGE_FILE`, which stock
+    transformers ignores.
     """
+    from moe_app.checkpoint.hub import copy_tokenizer_files
+
     path = Path(path)
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        elif tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
         if lineage is not None:
             write_lineage_file(tmp, lineage)
     return path

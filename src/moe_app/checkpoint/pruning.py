@@ -174,21 +174,19 @@ def write_pruned(
             stage_config=stage_config,
             lineage=lineage,
         )
-    from moe_app.checkpoint.hub import copy_tokenizer_files
-    from moe_app.checkpoint.pretrained import read_lineage, write_lineage_file
+    from moe_app.checkpoint.pretrained import read_lineage, save_pretrained_dir
     from moe_app.core.spec import utc_now
-    from moe_app.core.utils.atomic import atomic_directory
 
     previous = list(lineage) if lineage is not None else (read_lineage(source_dir) if source_dir else [])
     entry = {"stage": "prune", "time": utc_now(), "config": stage_config}
-    with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        elif source_dir is not None:
-            copy_tokenizer_files(source_dir, tmp)
-        write_lineage_file(tmp, [*previous, entry])
-    return out
+    return save_pretrained_dir(
+        model,
+        out,
+        tokenizer=tokenizer,
+        tokenizer_dir=source_dir,
+        lineage=[*previous, entry],
+        max_shard_size="5GB",
+    )
 
 
 def prune_checkpoint(
