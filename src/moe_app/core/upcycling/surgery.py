@@ -14,7 +14,7 @@ tensors read from disk, which is why both paths give identical checkpoints.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -182,6 +182,30 @@ def _already_done(model: nn.Module, cfg: UpcycleConfig) -> bool:
     return bool(stages) and stages[-1].get("config") == cfg.to_dict()
 
 
+@dataclass
+class _Plan:
+    """What :func:`upcycle` will do, decided and validated before the model is touched."""
+
+    path: str
+    layers: list[nn.Module]
+    selected: list[int]
+    parts: dict[int, tuple[nn.Linear, nn.Linear, nn.Linear]]
+    """The dense MLP linears (gate, up, down) of every selected layer that gets an MLP MoE."""
+    groups: int = 0
+    """KV groups = attention experts (0 without attention MoE)."""
+    attn_k: int = 0
+    attn_init: str | None = None
+
+
+@dataclass
+class _Calibration:
+    """Statistics of the dense model that data-driven splits and router inits need."""
+
+    centroids: dict[int, Tensor] = field(default_factory=dict)
+    attn_centroids: dict[int, Tensor] = field(default_factory=dict)
+    importance: dict[int, Tensor] = field(default_factory=dict)
+
+
 def upcycle(
     model: nn.Module,
     cfg: UpcycleConfig,
@@ -193,18 +217,27 @@ def upcycle(
 
     ``calibration`` (an iterable of ``input_ids (B, S)`` tensors, ``(input_ids, attention_mask)``
     pairs or dicts) is required by ``split='importance'`` and ``router_init='kmeans'``.
-    The surgery is attached to the model (:func:`~moe_app.core.spec.spec_of`, a ``MoeSpec``; ``save_moe_checkpoint`` writes
-    it). Calling again with the same config on the result is a no-op (idempotent
-    ``configure_model``).
+    The surgery is attached to the model (:func:`~moe_app.core.spec.spec_of`, a ``MoeSpec``;
+    ``save_moe_checkpoint`` writes it). Calling again with the same config on the result is a
+    no-op (idempotent ``configure_model``).
+
+    Four steps: validate everything before touching the model (:func:`_plan`), measure the dense
+    model where the method needs data (:func:`_calibrate`), replace the modules (:func:`_operate`),
+    and record what was done (:func:`_record`).
     """
     if _already_done(model, cfg):
         return model
+    plan = _plan(model, cfg)
+    stats = _calibrate(model, cfg, plan, calibration)
+    previous = spec_of(model)
+    _operate(model, cfg, plan, stats)
+    attach_spec(model, _record(model, cfg, plan, previous, data_description))
+    return model
+
+
+def _plan(model: nn.Module, cfg: UpcycleConfig) -> _Plan:
     path, layers = find_decoder_layers(model)
     selected = cfg.select_layers(len(layers))
-    hidden = int(model.config.hidden_size)
-    act = hidden_act(model)
-
-    # ---- validate everything before touching the model
     parts: dict[int, tuple[nn.Linear, nn.Linear, nn.Linear]] = {}
     for i in selected:
         where = f"{path}.{i}"
@@ -226,61 +259,69 @@ def upcycle(
                 )
             if hasattr(attn, "router"):
                 raise ConfigError(f"`{where}.self_attn` is already an attention MoE", where="upcycle")
-    groups = _num_kv_groups(model) if cfg.attention_moe else 0
-    attn_k = cfg.attention_top_k or groups
-    attn_init = cfg.resolved_attention_router_init(groups) if cfg.attention_moe else None
-    if cfg.attention_moe and attn_k > groups:
-        raise ConfigError(
-            f"attention_top_k={attn_k} > {groups} key/value groups",
-            where="UpcycleConfig.attention_top_k",
-            fix=f"choose attention_top_k <= num_key_value_heads = {groups}",
-        )
-
-    # ---- calibration statistics from the dense model
-    centroids: dict[int, Tensor] = {}
-    attn_centroids: dict[int, Tensor] = {}
-    importance: dict[int, Tensor] = {}
-    if cfg.needs_calibration:
-        if calibration is None:
+    plan = _Plan(path, list(layers), list(selected), parts)
+    if cfg.attention_moe:
+        plan.groups = _num_kv_groups(model)
+        plan.attn_k = cfg.attention_top_k or plan.groups
+        plan.attn_init = cfg.resolved_attention_router_init(plan.groups)
+        if plan.attn_k > plan.groups:
             raise ConfigError(
-                f"split={cfg.split!r} / router_init={cfg.router_init!r}"
-                + (f" / attention_router_init={attn_init!r}" if attn_init == "kmeans" else "")
-                + " needs calibration data",
-                where="upcycle",
-                fix="pass calibration batches (CLI: --calibration builtin or a .jsonl/.txt file), "
-                "or use a data-free split/router init",
+                f"attention_top_k={plan.attn_k} > {plan.groups} key/value groups",
+                where="UpcycleConfig.attention_top_k",
+                fix=f"choose attention_top_k <= num_key_value_heads = {plan.groups}",
             )
-        batches = normalize_batches(calibration)
-        mlp_ids = selected if cfg.builds_mlp_moe else []
-        states = capture_inputs(model, mlp_ids, batches, cfg.calibration_tokens) if mlp_ids else {}
-        labels = {}
-        for i, x in states.items():
-            if x.shape[0] < cfg.num_experts:
-                raise ConfigError(
-                    f"only {x.shape[0]} calibration tokens for {cfg.num_experts} clusters",
-                    where="calibration",
-                    fix="pass more calibration text",
-                )
-            labels[i], centroids[i] = balanced_kmeans(
-                x, cfg.num_experts, cfg.kmeans_iters, layer_generator(cfg.seed, i, "kmeans")
-            )
-        if cfg.builds_mlp_moe and cfg.method == "partition" and cfg.split == "importance":
-            importance = neuron_importance(
-                model, mlp_ids, batches, labels, cfg.num_experts, cfg.calibration_tokens
-            )
-        if attn_init == "kmeans":
-            a_states = capture_inputs(model, selected, batches, cfg.calibration_tokens, module="self_attn")
-            for i, x in a_states.items():
-                _, attn_centroids[i] = balanced_kmeans(
-                    x, groups, cfg.kmeans_iters, layer_generator(cfg.seed, i, "attn_kmeans")
-                )
+    return plan
 
-    # ---- surgery
-    previous = spec_of(model)
-    for i in selected:
-        layer = layers[i]
+
+def _calibrate(
+    model: nn.Module, cfg: UpcycleConfig, plan: _Plan, calibration: Iterable[Any] | None
+) -> _Calibration:
+    stats = _Calibration()
+    if not cfg.needs_calibration:
+        return stats
+    if calibration is None:
+        raise ConfigError(
+            f"split={cfg.split!r} / router_init={cfg.router_init!r}"
+            + (f" / attention_router_init={plan.attn_init!r}" if plan.attn_init == "kmeans" else "")
+            + " needs calibration data",
+            where="upcycle",
+            fix="pass calibration batches (CLI: --calibration builtin or a .jsonl/.parquet/.csv file), "
+            "or use a data-free split/router init",
+        )
+    batches = normalize_batches(calibration)
+    mlp_ids = plan.selected if cfg.builds_mlp_moe else []
+    states = capture_inputs(model, mlp_ids, batches, cfg.calibration_tokens) if mlp_ids else {}
+    labels = {}
+    for i, x in states.items():
+        if x.shape[0] < cfg.num_experts:
+            raise ConfigError(
+                f"only {x.shape[0]} calibration tokens for {cfg.num_experts} clusters",
+                where="calibration",
+                fix="pass more calibration text",
+            )
+        labels[i], stats.centroids[i] = balanced_kmeans(
+            x, cfg.num_experts, cfg.kmeans_iters, layer_generator(cfg.seed, i, "kmeans")
+        )
+    if cfg.builds_mlp_moe and cfg.method == "partition" and cfg.split == "importance":
+        stats.importance = neuron_importance(
+            model, mlp_ids, batches, labels, cfg.num_experts, cfg.calibration_tokens
+        )
+    if plan.attn_init == "kmeans":
+        a_states = capture_inputs(model, plan.selected, batches, cfg.calibration_tokens, module="self_attn")
+        for i, x in a_states.items():
+            _, stats.attn_centroids[i] = balanced_kmeans(
+                x, plan.groups, cfg.kmeans_iters, layer_generator(cfg.seed, i, "attn_kmeans")
+            )
+    return stats
+
+
+def _operate(model: nn.Module, cfg: UpcycleConfig, plan: _Plan, stats: _Calibration) -> None:
+    hidden = int(model.config.hidden_size)
+    act = hidden_act(model)
+    for i in plan.selected:
+        layer = plan.layers[i]
         if cfg.builds_mlp_moe:
-            gate, up, down = parts[i]
+            gate, up, down = plan.parts[i]
             with torch.no_grad():
                 t = mlp_moe_tensors(
                     cfg,
@@ -288,8 +329,8 @@ def upcycle(
                     gate.weight.detach(),
                     up.weight.detach(),
                     down.weight.detach(),
-                    importance=importance.get(i),
-                    centroids=centroids.get(i),
+                    importance=stats.importance.get(i),
+                    centroids=stats.centroids.get(i),
                 )
             block = build_mlp_moe(t.spec, hidden, act, gate.weight.dtype, gate.weight.device)
             block.load_state_dict(t.state_dict(""), strict=True, assign=True)
@@ -297,21 +338,32 @@ def upcycle(
             layer.mlp = block
         if cfg.attention_moe:
             aspec = AttentionMoeSpec(
-                num_experts=groups,
-                top_k=attn_k,
+                num_experts=plan.groups,
+                top_k=plan.attn_k,
                 rule=cfg.rule,
-                scale=cfg.resolved_attention_scale(groups),
+                scale=cfg.resolved_attention_scale(plan.groups),
             )
             attn = layer.self_attn
             dtype = next(attn.parameters()).dtype
             wrapped = build_attention_moe(attn, aspec, hidden, dtype)
             w = router_tensor(
-                cfg, i, groups, hidden, attn_centroids.get(i), purpose="attn_router", init=attn_init
+                cfg,
+                i,
+                plan.groups,
+                hidden,
+                stats.attn_centroids.get(i),
+                purpose="attn_router",
+                init=plan.attn_init,
             )
             with torch.no_grad():
                 wrapped.router.weight.copy_(w)
             layer.self_attn = wrapped
 
+
+def _record(
+    model: nn.Module, cfg: UpcycleConfig, plan: _Plan, previous: MoeSpec | None, data_description: Any
+) -> MoeSpec:
+    """The spec of the upcycled model: what an earlier surgery recorded, the new structure, the stage."""
     spec = MoeSpec(
         base_architecture=previous.base_architecture if previous else type(model).__name__,
         base_model_type=previous.base_model_type
@@ -325,9 +377,8 @@ def upcycle(
         lineage=list(previous.lineage) if previous else [],
     )
     if cfg.builds_mlp_moe:
-        for i in selected:
+        for i in plan.selected:
             spec.layers[i].mlp.method = cfg.method
             spec.layers[i].mlp.split = cfg.split if cfg.method == "partition" else None
     spec.add_stage("upcycle", cfg.to_dict(), data_description)
-    attach_spec(model, spec)
-    return model
+    return spec
