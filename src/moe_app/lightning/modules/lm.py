@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +51,19 @@ class GenerationConfig:
             )
 
 
+def _fetchable(path: str) -> bool:
+    from moe_app.checkpoint.gguf import fetchable_model_for
+
+    return fetchable_model_for(path) is not None
+
+
 @dataclass
 class ModelSource:
     """Where the model comes from: a checkpoint directory / hub id, or an inline architecture."""
 
     pretrained: str | None = None
-    """Local directory (HF or moe-app checkpoint) or hub id. Takes precedence over ``arch``."""
+    """Local directory (HF or moe-app checkpoint), hub id, or a ``.gguf`` file (dequantised to float;
+    its tokenizer is used too). Takes precedence over ``arch``."""
     arch: dict[str, Any] | None = None
     """Inline ``LlamaConfig`` fields for a fresh random model (tiny runs), e.g. hidden_size: 128."""
     tokenizer: str | None = None
@@ -78,6 +85,7 @@ class ModelSource:
             p is not None
             and (p.startswith((".", "/", "~")) or p.count("/") != 1)
             and not Path(p).expanduser().exists()
+            and not _fetchable(p)  # a model `moe-app fetch` downloads: its loader says so if absent
         ):
             raise ConfigError(
                 f"source.pretrained={p!r} does not exist.",
@@ -143,6 +151,11 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
         self._report = None  # the per-domain test report, made in on_test_start
         self._tps_t0: float | None = None
 
+    def record_hparams(self, **values: Any) -> None:
+        """Add a subclass's own init arguments to the saved hyper-parameters (dataclasses as dicts):
+        the one place that makes them plain types (checkpoints load with ``weights_only=True``)."""
+        self.hparams.update({k: asdict(v) if is_dataclass(v) else v for k, v in values.items()})
+
     # ------------------------------------------------------------------ model life cycle
     @property
     def tokenizer(self):
@@ -161,6 +174,10 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
             return suite_tokenizer()
         from transformers import AutoTokenizer
 
+        if name.lower().endswith(".gguf"):  # the tokenizer stored in a GGUF file
+            from moe_app.checkpoint.hub import load_tokenizer
+
+            return load_tokenizer(name, required=True)
         try:
             return AutoTokenizer.from_pretrained(name, trust_remote_code=self.source.trust_remote_code)
         except (OSError, ValueError) as exc:

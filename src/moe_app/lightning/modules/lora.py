@@ -9,16 +9,15 @@ base weights and saved as an ordinary HF directory.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from moe_app.core.pesc.config import PeftLoraOptions
 from moe_app.core.pesc.merge import merge_peft_lora
 from moe_app.core.pesc.surgery import inject_peft_lora
-from moe_app.lightning.modules.lm import CausalLMModule, GenerationConfig, ModelSource
-from moe_app.lightning.modules.optim import OptimConfig
+from moe_app.lightning.modules.lm import CausalLMModule, ModelSource
 
 
 class LoraModule(CausalLMModule):
@@ -29,18 +28,10 @@ class LoraModule(CausalLMModule):
         lora: rank, alpha, dropout and target modules (``enabled`` is implied).
     """
 
-    def __init__(
-        self,
-        source: ModelSource,
-        lora: PeftLoraOptions | None = None,
-        optim: OptimConfig | None = None,
-        generation: GenerationConfig | None = None,
-        save_dir: str | None = "model",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(source=source, optim=optim, generation=generation, save_dir=save_dir, seed=seed)
+    def __init__(self, source: ModelSource, lora: PeftLoraOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(source, **kwargs)
         self.lora = lora or PeftLoraOptions(enabled=True)
-        self.hparams["lora"] = asdict(self.lora)
+        self.record_hparams(lora=self.lora)
 
     def build_model(self) -> torch.nn.Module:
         model = self.load_base_model()

@@ -28,8 +28,7 @@ from moe_app.core.moe.losses import RouterLossConfig, weighted_router_losses
 from moe_app.core.moe.stats import expert_load
 from moe_app.core.upcycling.config import UpcycleConfig
 from moe_app.errors import ConfigError
-from moe_app.lightning.modules.lm import CausalLMModule, GenerationConfig, ModelSource
-from moe_app.lightning.modules.optim import OptimConfig
+from moe_app.lightning.modules.lm import CausalLMModule, ModelSource
 
 
 @dataclass
@@ -66,23 +65,18 @@ class MoeLMModule(CausalLMModule):
         router_losses: RouterLossConfig | None = None,
         freeze: FreezeConfig | None = None,
         log_load_every_n_steps: int = 50,
-        optim: OptimConfig | None = None,
-        generation: GenerationConfig | None = None,
-        save_dir: str | None = "model",
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(source=source, optim=optim, generation=generation, save_dir=save_dir, seed=seed)
+        super().__init__(source, **kwargs)
         self.upcycle_cfg = upcycle
         self.router_losses = router_losses or RouterLossConfig()
         self.freeze = freeze or FreezeConfig()
         self.log_load_every_n_steps = log_load_every_n_steps
-        self.hparams.update(
-            {
-                "upcycle": asdict(upcycle) if upcycle is not None else None,
-                "router_losses": asdict(self.router_losses),
-                "freeze": asdict(self.freeze),
-                "log_load_every_n_steps": log_load_every_n_steps,
-            }
+        self.record_hparams(
+            upcycle=upcycle,
+            router_losses=self.router_losses,
+            freeze=self.freeze,
+            log_load_every_n_steps=log_load_every_n_steps,
         )
 
     # ------------------------------------------------------------------ model

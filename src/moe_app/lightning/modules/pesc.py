@@ -17,7 +17,6 @@ from ``source`` by ``configure_model`` on resume, so a 7B run does not write 13 
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,7 @@ from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
 from moe_app.core.pesc.surgery import build_pesc, mark_pesc_trainable
 from moe_app.core.utils.params import human
 from moe_app.errors import CheckpointError, ConfigError
-from moe_app.lightning.modules.lm import CausalLMModule, GenerationConfig, ModelSource
-from moe_app.lightning.modules.optim import OptimConfig
+from moe_app.lightning.modules.lm import CausalLMModule, ModelSource
 
 
 class PescModule(CausalLMModule):
@@ -59,12 +57,10 @@ class PescModule(CausalLMModule):
         source: ModelSource,
         pesc: PescConfig | None = None,
         save_full: bool = False,
-        optim: OptimConfig | None = None,
-        generation: GenerationConfig | None = None,
         save_dir: str | None = "model",
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(source, optim=optim, generation=generation, save_dir=save_dir, seed=seed)
+        super().__init__(source, save_dir=save_dir, **kwargs)
         self.pesc = pesc or PescConfig()
         self.save_full = save_full
         if save_dir is not None and not save_full and source.pretrained is None:
@@ -74,8 +70,7 @@ class PescModule(CausalLMModule):
                 where="model.init_args.source",
                 fix="set source.pretrained to the dense model dir, or save_full: true",
             )
-        self.hparams["pesc"] = asdict(self.pesc)
-        self.hparams["save_full"] = save_full
+        self.record_hparams(pesc=self.pesc, save_full=save_full)
         # The .ckpt holds only trainable tensors; the frozen base comes back from `source`.
         self.strict_loading = False
 

@@ -24,9 +24,8 @@ import torch
 
 from moe_app.core.mixing.protocols import MixtureLineage
 from moe_app.errors import CheckpointError
-from moe_app.lightning.modules.lm import GenerationConfig, ModelSource
-from moe_app.lightning.modules.moe import FreezeConfig, MoeLMModule, RouterLossConfig
-from moe_app.lightning.modules.optim import OptimConfig
+from moe_app.lightning.modules.lm import ModelSource
+from moe_app.lightning.modules.moe import MoeLMModule
 
 
 def check_init_from(
@@ -156,38 +155,19 @@ class PostTrainModule(MoeLMModule):
         stage: str = "post_stage1",
         requires_stage: str | None = None,
         expect_architecture: str | None = None,
-        router_losses: RouterLossConfig | None = None,
-        freeze: FreezeConfig | None = None,
-        optim: OptimConfig | None = None,
-        generation: GenerationConfig | None = None,
-        log_load_every_n_steps: int = 50,
-        save_dir: str | None = "model",
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            source=_with_pretrained(source, init_from),
-            upcycle=None,
-            router_losses=router_losses,
-            freeze=freeze,
-            log_load_every_n_steps=log_load_every_n_steps,
-            optim=optim,
-            generation=generation,
-            save_dir=save_dir,
-            seed=seed,
-        )
+        super().__init__(_with_pretrained(source, init_from), upcycle=None, **kwargs)
         self.init_from = init_from
         self.stage = stage
         self.requires_stage = requires_stage
         self.expect_architecture = expect_architecture
         self.hparams.pop("upcycle", None)  # not an argument of this class (always null here)
-        self.hparams.update(
-            {
-                "init_from": init_from,
-                "stage": stage,
-                "requires_stage": requires_stage,
-                "expect_architecture": expect_architecture,
-                "log_load_every_n_steps": log_load_every_n_steps,
-            }
+        self.record_hparams(
+            init_from=init_from,
+            stage=stage,
+            requires_stage=requires_stage,
+            expect_architecture=expect_architecture,
         )
 
     def build_model(self) -> torch.nn.Module:
