@@ -25,6 +25,7 @@ from moe_app.checkpoint.gguf import (
     load_gguf_tokenizer,
 )
 from moe_app.checkpoint.names import CONFIG_FILE
+from moe_app.checkpoint.shards import verify_shards
 from moe_app.errors import CheckpointError
 
 TOKENIZER_FILES = (
@@ -73,7 +74,6 @@ def check_local_model_dir(path: str | Path) -> Path:
     Every weight file listed (index or single file) must exist and its header must parse and cover
     the file: a missing, truncated or corrupt shard is reported by name before any heavy work.
     """
-    from moe_app.checkpoint.shards import verify_shards
 
     p = Path(path).expanduser()
     if is_gguf_path(p):

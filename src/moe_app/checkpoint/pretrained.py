@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from moe_app.checkpoint.hub import copy_tokenizer_files
 from moe_app.checkpoint.names import LINEAGE_FILE, PESC_META, SPEC_FILE
 from moe_app.core.spec import merge_lineage
 from moe_app.core.utils.atomic import atomic_directory
@@ -39,7 +40,6 @@ def save_pretrained_dir(
     :func:`read_lineage`); it goes to :data:`~moe_app.checkpoint.names.LINEAGE_FILE`, which stock
     transformers ignores.
     """
-    from moe_app.checkpoint.hub import copy_tokenizer_files
 
     path = Path(path)
     with atomic_directory(path) as tmp:

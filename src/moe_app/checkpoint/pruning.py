@@ -3,7 +3,8 @@
 The output is the same kind of checkpoint as the input (DESIGN.md contract):
 
 * a **moe-app checkpoint** (``moe_app.json``) is written with ``save_moe_checkpoint``: the per-layer
-  ``num_experts`` are read back from the sliced modules, ``top_k`` is unchanged, the ``pruning`` slot
+  ``num_experts`` are read back from the sliced modules, ``top_k`` is unchanged (``--method merge``
+  below top_k lowers it), the ``pruning`` slot
   records what was kept and why, ``skipping`` holds the calibrated betas, and a ``prune`` lineage
   stage is appended;
 * a **stock HF MoE checkpoint** (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) is written with
@@ -24,10 +25,14 @@ from typing import Any
 
 from torch import nn
 
-from moe_app.core.models.views import model_kind
+from moe_app.checkpoint.hub import check_local_model_dir, load_tokenizer
+from moe_app.checkpoint.pretrained import read_lineage, save_pretrained_dir
+from moe_app.core.models.layers import find_decoder_layers
+from moe_app.core.models.views import model_kind, moe_layer_views
 from moe_app.core.pruning.calibration import CalibrationConfig, calibration_batches, eval_loss
 from moe_app.core.pruning.experts import ExpertPruneConfig, check_prunable, prune_experts
-from moe_app.core.spec import spec_of
+from moe_app.core.pruning.skipping import apply_skipping, calibrate_skipping, skip_rates
+from moe_app.core.spec import spec_of, utc_now
 from moe_app.errors import ConfigError, UnsupportedModelError
 
 logger = logging.getLogger("moe_app.core.pruning")
@@ -70,7 +75,7 @@ def validate_job(model: nn.Module, job: PruneJob, where: str) -> str:
             fix="prune an MoE checkpoint (moe-app upcycle output, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)",
         )
     if job.experts is not None:
-        check_prunable(model, job.experts.keep, where)
+        check_prunable(model, job.experts.keep, where, method=job.experts.method)
     if job.skipping and kind == "hf":
         raise UnsupportedModelError(
             "dynamic expert skipping cannot be stored in a stock transformers checkpoint "
@@ -78,7 +83,6 @@ def validate_job(model: nn.Module, job: PruneJob, where: str) -> str:
             where=where,
             fix="run without --skipping, or prune a moe-app checkpoint (moe-app keeps betas in moe_app.json)",
         )
-    from moe_app.core.models.views import moe_layer_views
 
     if job.skipping and any(v.kind in ("pesc", "lora-experts") for _, v in moe_layer_views(model)):
         raise UnsupportedModelError(
@@ -87,7 +91,6 @@ def validate_job(model: nn.Module, job: PruneJob, where: str) -> str:
             where=where,
             fix="run without --skipping, or merge the experts first (merge_pesc) and prune the merged model",
         )
-    from moe_app.core.models.layers import find_decoder_layers
 
     n_layers = len(find_decoder_layers(model)[1])
     if job.block_drop >= n_layers:
@@ -112,7 +115,6 @@ def run_job(model: nn.Module, batches: list[dict[str, Any]], job: PruneJob) -> d
         layer_drop_scores,
         most_similar,
     )
-    from moe_app.core.pruning.skipping import apply_skipping, calibrate_skipping, skip_rates
 
     report: dict[str, Any] = {"calibration": asdict(job.calibration)}
     if job.eval_before_after:
@@ -174,8 +176,6 @@ def write_pruned(
             stage_config=stage_config,
             lineage=lineage,
         )
-    from moe_app.checkpoint.pretrained import read_lineage, save_pretrained_dir
-    from moe_app.core.spec import utc_now
 
     previous = list(lineage) if lineage is not None else (read_lineage(source_dir) if source_dir else [])
     entry = {"stage": "prune", "time": utc_now(), "config": stage_config}
@@ -194,7 +194,6 @@ def prune_checkpoint(
 ) -> dict[str, Any]:
     """``moe-app prune``: read ``ckpt``, apply ``job``, write ``out`` (same kind); return the report."""
     import moe_app
-    from moe_app.checkpoint.hub import check_local_model_dir, load_tokenizer
 
     src, out = Path(ckpt).expanduser(), Path(out).expanduser()
     check_local_model_dir(src)

@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from moe_app.core.utils.atomic import atomic_write_file
 from moe_app.errors import ConfigError
+from moe_app.lightning.strategies.checks import FSDP_CLASS
 
 
 def checkpoint_dir(trainer: L.Trainer) -> Path:
@@ -90,7 +91,6 @@ def default_trainer_plugins(trainer_cfg: Any) -> None:
         return
     strategy = trainer_cfg.get("strategy")
     name = str(strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "") or "")
-    from moe_app.lightning.strategies.checks import FSDP_CLASS
 
     # moe-app's FSDP writes full checkpoints on rank 0 through the CheckpointIO; Lightning's FSDP1
     # and DeepSpeed write their own sharded directories.

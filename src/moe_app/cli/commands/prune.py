@@ -7,6 +7,12 @@ and writes the same kind it read (see :mod:`moe_app.checkpoint.pruning`). Exampl
     moe-app prune --ckpt M --out O --keep 6 --method reap --data builtin:arithmetic   # task-specific
     moe-app prune --ckpt M --out O --keep 4 --progressive --skipping                  # + dynamic skipping
     moe-app prune --ckpt M --out O --block_drop 1                                     # delete a decoder block
+    moe-app prune --ckpt M --out O --keep 4 --method merge                            # HC-SMoE merging
+
+``--method merge`` (HC-SMoE, arXiv 2410.08589) clusters each layer's experts by their average
+output (average linkage, ``--merge_distance``) into ``--keep`` groups and merges each group by a
+routing-frequency-weighted average of its weights and router rows (``--merge_router``); ``--keep``
+may then be below top_k (top_k is lowered).
 
 Steps run in this order: expert pruning (``--keep``), block drop, layer drop, skipping calibration.
 ``--data`` is ``builtin`` (the built-in suite), ``builtin:<domain>`` or a local
@@ -28,6 +34,7 @@ from moe_app.cli.commands import OFFLINE_COMMANDS
 from moe_app.cli.commands._options import add_options, build
 from moe_app.core.pruning.enumerate import FALLBACKS
 from moe_app.core.pruning.experts import PRUNE_METHODS
+from moe_app.core.pruning.merge import MERGE_DISTANCES, MERGE_ROUTERS
 
 HELP = OFFLINE_COMMANDS["prune"]
 
@@ -43,7 +50,7 @@ class PruneOptions:
     keep: int | None = None
     """Experts kept per MoE layer (``r``); omit to keep all."""
     method: Literal[PRUNE_METHODS] = "enumerate"  # type: ignore[valid-type]
-    """Expert selection method."""
+    """Expert selection method (``merge``: HC-SMoE expert merging)."""
     scope: Literal["layer", "global"] = "layer"
     """``global``: expert_drop across layers."""
     data: str = "builtin"
@@ -60,6 +67,10 @@ class PruneOptions:
     """Enumerate all subsets while ``C(E, r)`` is at most this."""
     fallback: Literal[FALLBACKS] = "sample"  # type: ignore[valid-type]
     """Selection above ``--max_subsets``."""
+    merge_distance: Literal[MERGE_DISTANCES] = "euclidean"  # type: ignore[valid-type]
+    """``--method merge``: distance between the experts' average outputs (average linkage)."""
+    merge_router: Literal[MERGE_ROUTERS] = "average"  # type: ignore[valid-type]
+    """``--method merge``: merged router row, frequency-weighted ``average`` or the ``dominant`` member's."""
     skipping: bool = False
     """Calibrate dynamic skipping (moe-app checkpoints only)."""
     layer_drop: int = 0
@@ -85,6 +96,7 @@ def run(cfg: Namespace) -> int:
     from moe_app.core.pruning.calibration import CalibrationConfig
     from moe_app.core.pruning.enumerate import EnumerationConfig
     from moe_app.core.pruning.experts import ExpertPruneConfig
+    from moe_app.core.pruning.merge import MergeConfig
 
     args = build(PruneOptions, cfg)
     logging.basicConfig(level=logging.INFO, format="[moe-app] %(message)s")
@@ -98,6 +110,7 @@ def run(cfg: Namespace) -> int:
             enumeration=EnumerationConfig(
                 max_subsets=args.max_subsets, fallback=args.fallback, seed=args.seed
             ),
+            merge=MergeConfig(distance=args.merge_distance, router=args.merge_router),
         )
     job = PruneJob(
         experts=experts,

@@ -1,8 +1,9 @@
 """``MixtureConfig``: how the training sources are mixed (``data.init_args.mixture`` in a config).
 
 Strategies: ``uniform``, ``size``, ``static``, ``dynamic`` (gate-load redundancy, Zhu et al. 2024,
-arXiv 2406.11256) and ``reference_loss`` (DoReMi-like excess dev loss). Plain dataclass, no Lightning:
-the update rules in :mod:`moe_app.core.mixing.rules` read it too.
+arXiv 2406.11256), ``reference_loss`` (DoReMi-like excess dev loss) and the paper's other baselines
+``static_gate_load``, ``sentence_embedding``, ``random`` and ``sequential``. Plain dataclass, no
+Lightning: the update rules in :mod:`moe_app.core.mixing.rules` read it too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from moe_app.core.mixing.rules import (
     ADAPTIVE,
     DEFAULT_C,
     DEFAULT_ETA,
+    MEASURED,
+    ONE_SHOT,
     STRATEGIES,
     check_hyperparameters,
     check_weights,
@@ -27,17 +30,25 @@ class MixtureConfig:
 
     strategy: str = "uniform"
     """``uniform``, ``size`` (proportional to training rows), ``static`` (``weights``), ``dynamic``
-    (gate-load redundancy, Zhu et al. 2024) or ``reference_loss`` (DoReMi-like excess dev loss)."""
+    (gate-load redundancy, Zhu et al. 2024), ``reference_loss`` (DoReMi-like excess dev loss), or the
+    paper's baselines: ``static_gate_load`` (the ``dynamic`` update applied once, before training,
+    then frozen), ``sentence_embedding`` (the ``dynamic`` update every ``update_every`` steps with
+    cosine distances between the sources' mean last hidden states instead of gate loads),
+    ``random`` (Dirichlet(1) weights drawn once from the data module's ``seed``) or ``sequential``
+    (one source after another, in the configured order, each for a share of the training batches
+    proportional to its training rows)."""
     weights: dict[str, float] | None = None
     """``{source_name: weight}`` for ``static``; the starting weights for ``dynamic`` /
-    ``reference_loss`` (default: uniform, as in the paper). Normalised to sum to 1."""
+    ``reference_loss`` / ``static_gate_load`` / ``sentence_embedding`` (default: uniform, as in the
+    paper). Normalised to sum to 1."""
     update_every: int = 100
     """Optimizer steps between weight updates (paper: 100 of 2000)."""
     eta: float | None = None
-    """Step size of the update; default 10 for ``dynamic``, 1 for ``reference_loss``."""
+    """Step size of the update; default 10 for ``dynamic`` / ``static_gate_load`` /
+    ``sentence_embedding``, 1 for ``reference_loss``."""
     c: float | None = None
-    """Uniform smoothing ``c`` in ``w' = (1-c) alpha + c/n``; default 0.05 for ``dynamic``, 1e-4 for
-    ``reference_loss``."""
+    """Uniform smoothing ``c`` in ``w' = (1-c) alpha + c/n``; default 0.05 for ``dynamic`` /
+    ``static_gate_load`` / ``sentence_embedding``, 1e-4 for ``reference_loss``."""
     layer: int | str = -1
     """MoE layer whose gate load is compared: an index in model order (``-1``: the last, as in the
     paper) or ``all`` (the redundancy scores of every MoE layer, averaged)."""
@@ -66,7 +77,7 @@ class MixtureConfig:
                 where=f"{where}.strategy",
                 fix=f"use one of {list(STRATEGIES)}.",
             )
-        if self.weights is not None and self.strategy in ("uniform", "size"):
+        if self.weights is not None and self.strategy in ("uniform", "size", "random", "sequential"):
             raise ConfigError(
                 f"weights are given but strategy is {self.strategy!r}, which ignores them",
                 where=f"{where}.weights",
@@ -98,7 +109,7 @@ class MixtureConfig:
                 where=f"{where}.layer",
                 fix="use -1 (the last MoE layer), another index, or all.",
             )
-        if self.eta is not None or self.c is not None or self.strategy in ADAPTIVE:
+        if self.eta is not None or self.c is not None or self.strategy in MEASURED:
             check_hyperparameters(self.resolved_eta, self.resolved_c, where=where)
         if self.reference_losses is not None:
             for name, value in self.reference_losses.items():
@@ -111,7 +122,18 @@ class MixtureConfig:
 
     @property
     def adaptive(self) -> bool:
+        """Updated every ``update_every`` steps (``dynamic``, ``reference_loss``, ``sentence_embedding``)."""
         return self.strategy in ADAPTIVE
+
+    @property
+    def one_shot(self) -> bool:
+        """Measured from the model once, before training, then frozen (``static_gate_load``)."""
+        return self.strategy in ONE_SHOT
+
+    @property
+    def measured(self) -> bool:
+        """Probes the model (needs dev probe sets; uses ``eta`` and ``c``)."""
+        return self.strategy in MEASURED
 
     @property
     def resolved_eta(self) -> float:

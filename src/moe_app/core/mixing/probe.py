@@ -5,7 +5,10 @@ The statistics dynamic data mixing needs (Zhu et al., arXiv 2406.11256; ALGORITH
 * **gate load**: per MoE layer, source and expert, the number of top-k assignments over the real
   (non-padding) tokens of the source's probe rows (skipped slots, index ``-1``, do not count);
 * **dev loss**: per source, the summed next-token NLL over the labelled (reply) tokens and their
-  count, for the DoReMi-like reference-loss baseline.
+  count, for the DoReMi-like reference-loss baseline;
+* **sentence embeddings**: per source, the sum over its probe rows of each row's mean last hidden
+  state over its real (attention-mask) tokens, and the number of rows, for the
+  ``sentence_embedding`` baseline (the mean embedding is ``sum / rows``).
 
 Two kinds of model are understood, so the callback works on everything the app trains or loads:
 moe-app's own blocks, which record ``last_routing`` on every forward
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moe_app.core.moe.block import find_moe_blocks
 from moe_app.core.moe.stats import token_nll
 from moe_app.errors import ConfigError, UnsupportedModelError
 
@@ -45,10 +49,18 @@ class ProbeStats:
     """``(n,)`` float64 summed next-token NLL over labelled tokens."""
     tokens: Tensor
     """``(n,)`` float64 number of labelled tokens."""
+    embedding_sum: Tensor | None = None
+    """``(n, H)`` float64 sum over each source's probe rows of the row's mean last hidden state
+    (``None`` unless embeddings were asked for)."""
+    embedding_rows: Tensor | None = None
+    """``(n,)`` float64 number of probe rows behind ``embedding_sum``."""
 
     def flat(self) -> Tensor:
         """Everything in one float64 vector (one all-reduce instead of several)."""
-        return torch.cat([c.reshape(-1) for c in self.counts] + [self.loss_sum, self.tokens])
+        parts = [c.reshape(-1) for c in self.counts] + [self.loss_sum, self.tokens]
+        if self.embedding_sum is not None and self.embedding_rows is not None:
+            parts += [self.embedding_sum.reshape(-1), self.embedding_rows]
+        return torch.cat(parts)
 
     def with_flat(self, flat: Tensor) -> ProbeStats:
         """The same layout filled from ``flat`` (e.g. after an all-reduce)."""
@@ -58,7 +70,14 @@ class ProbeStats:
             out.append(flat[pos : pos + c.numel()].reshape(c.shape))
             pos += c.numel()
         n = self.loss_sum.numel()
-        return ProbeStats(out, flat[pos : pos + n].clone(), flat[pos + n : pos + 2 * n].clone())
+        loss_sum, tokens = flat[pos : pos + n].clone(), flat[pos + n : pos + 2 * n].clone()
+        pos += 2 * n
+        emb = rows = None
+        if self.embedding_sum is not None and self.embedding_rows is not None:
+            size = self.embedding_sum.numel()
+            emb = flat[pos : pos + size].reshape(self.embedding_sum.shape).clone()
+            rows = flat[pos + size : pos + size + n].clone()
+        return ProbeStats(out, loss_sum, tokens, emb, rows)
 
     def dev_losses(self) -> Tensor:
         """Mean NLL per labelled token ``(n,)``."""
@@ -67,7 +86,6 @@ class ProbeStats:
 
 def router_kind(model: nn.Module) -> str | None:
     """``"moe_app"`` (blocks recording ``last_routing``), ``"hf"`` (stock HF MoE) or ``None`` (dense)."""
-    from moe_app.core.moe.block import find_moe_blocks
 
     if any(True for _ in find_moe_blocks(model)):
         return "moe_app"
@@ -92,7 +110,6 @@ def _hf_top_k(cfg: Any) -> int | None:
 def count_moe_layers(model: nn.Module) -> int | None:
     """Number of moe-app MoE layers; ``None`` for a stock HF MoE (known only after a forward, since
     some keep layers dense), 0 for a dense model."""
-    from moe_app.core.moe.block import find_moe_blocks
 
     kind = router_kind(model)
     if kind == "moe_app":
@@ -171,9 +188,12 @@ def probe_model(
     *,
     need_counts: bool = True,
     need_loss: bool = True,
+    need_embeddings: bool = False,
     forward_context: Callable[[], Any] = contextlib.nullcontext,
 ) -> ProbeStats:
-    """Run ``batches`` through ``model`` in eval mode and count gate loads (and dev losses).
+    """Run ``batches`` through ``model`` in eval mode and count gate loads (and dev losses, and
+    sentence embeddings with ``need_embeddings``: each row's mean over its real tokens of the last
+    hidden state, summed per source, in float64).
 
     Each batch: ``input_ids``, ``attention_mask``, ``labels`` ``(B, S)``, ``source_ids (B,)`` (the
     source index of each row) and optionally ``row_weight (B,)`` (0 = padding row). The model's
@@ -193,6 +213,8 @@ def probe_model(
     counts: list[Tensor] | None = None
     loss_sum = torch.zeros(num_sources, dtype=torch.float64)
     tokens = torch.zeros(num_sources, dtype=torch.float64)
+    emb_sum: Tensor | None = None
+    emb_rows = torch.zeros(num_sources, dtype=torch.float64)
     try:
         for batch in batches:
             ids = batch["input_ids"].to(device)  # (B, S)
@@ -203,6 +225,8 @@ def probe_model(
             kwargs: dict[str, Any] = {"use_cache": False}
             if kind == "hf":
                 kwargs["output_router_logits"] = True
+            if need_embeddings:
+                kwargs["output_hidden_states"] = True
             with forward_context():
                 out = runner(input_ids=ids, attention_mask=mask, **kwargs)
             B, S = ids.shape
@@ -223,6 +247,15 @@ def probe_model(
                     for i in selected
                 ]
                 counts = batch_counts if counts is None else [a + b for a, b in zip(counts, batch_counts)]
+            if need_embeddings:
+                hidden = _last_hidden(model, out)  # (B, S, H)
+                m = (mask.bool() & row_ok[:, None]).to(torch.float64)  # (B, S)
+                row_emb = (hidden.to(torch.float64) * m[:, :, None]).sum(dim=1)  # (B, H)
+                row_emb = row_emb / m.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, H) mean over real tokens
+                if emb_sum is None:
+                    emb_sum = torch.zeros(num_sources, row_emb.shape[-1], dtype=torch.float64)
+                emb_sum.index_add_(0, src.cpu(), row_emb.cpu())
+                emb_rows.index_add_(0, src.cpu(), row_ok.to(torch.float64).cpu())
             if need_loss:
                 nll, lab = token_nll(out.logits, batch["labels"].to(device))  # (B, S-1)
                 lab = lab & row_ok[:, None]
@@ -232,7 +265,32 @@ def probe_model(
         model.train(was_training)
     if counts is None:  # counts not asked for (or no batch)
         counts = []
-    return ProbeStats(counts=counts, loss_sum=loss_sum, tokens=tokens)
+    if need_embeddings and emb_sum is None:
+        raise ConfigError("the probe set is empty: no sentence embedding to measure", where="data.mixture")
+    return ProbeStats(
+        counts=counts,
+        loss_sum=loss_sum,
+        tokens=tokens,
+        embedding_sum=emb_sum if need_embeddings else None,
+        embedding_rows=emb_rows if need_embeddings else None,
+    )
+
+
+def _last_hidden(model: nn.Module, out: Any) -> Tensor:
+    """The last hidden state ``(B, S, H)`` of a forward run with ``output_hidden_states=True``: the
+    decoder's output (after the final norm in HF models), whether ``out`` came from the base model
+    (``last_hidden_state``) or the causal-LM wrapper (``hidden_states[-1]``)."""
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        states = getattr(out, "hidden_states", None)
+        hidden = states[-1] if states else None
+    if hidden is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} returned no hidden states with output_hidden_states=True",
+            where="data.mixture.strategy",
+            fix="use a Hugging Face (or moe-app) causal LM, or another strategy than sentence_embedding.",
+        )
+    return hidden
 
 
 __all__ = ["ProbeStats", "count_moe_layers", "probe_model", "router_kind", "select_layers"]

@@ -34,6 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_app.core.models.layers import find_decoder_layers
+from moe_app.core.moe.block import SparseMoeBlock
+from moe_app.core.moe.experts import SwiGLUExperts
+from moe_app.core.moe.pesc import LoraExpertsMoeBlock, PescMoeBlock
 from moe_app.core.moe.router import combine_weights
 from moe_app.core.spec import spec_of
 from moe_app.errors import UnsupportedModelError
@@ -316,9 +320,6 @@ class HfMoeBlockView(MoeLayerView):
 
 def view_of(module: nn.Module) -> MoeLayerView | None:
     """The view of ``module`` if it is an MoE MLP block moe-app can prune, else ``None``."""
-    from moe_app.core.moe.block import SparseMoeBlock
-    from moe_app.core.moe.experts import SwiGLUExperts
-    from moe_app.core.moe.pesc import LoraExpertsMoeBlock, PescMoeBlock
 
     if isinstance(module, SparseMoeBlock):
         if not isinstance(module.experts, SwiGLUExperts):
@@ -338,7 +339,6 @@ def view_of(module: nn.Module) -> MoeLayerView | None:
 
 def moe_layer_views(model: nn.Module) -> list[tuple[int, MoeLayerView]]:
     """``(decoder layer index, view)`` for every layer whose ``mlp`` is a prunable MoE block."""
-    from moe_app.core.models.layers import find_decoder_layers
 
     _, layers = find_decoder_layers(model)
     out = []

@@ -3,6 +3,7 @@
 * :mod:`~moe_app.core.models.views`: one view over every MoE layer kind (moe-app, PESC, stock HF).
 * :mod:`~moe_app.core.pruning.enumerate`: Lu et al. 2024 (arXiv 2402.14800) enumeration, vectorised.
 * :mod:`~moe_app.core.pruning.saliency`: frequency, expert drop (He et al. 2024), REAP (arXiv 2510.13999).
+* :mod:`~moe_app.core.pruning.merge`: HC-SMoE expert merging (hierarchical clustering, arXiv 2410.08589).
 * :mod:`~moe_app.core.pruning.experts`: whole-model pruning (layer-wise / progressive) and config updates.
 * :mod:`~moe_app.core.pruning.skipping`: dynamic skipping betas (median ``w2 / w1``) and skip rates.
 * :mod:`~moe_app.core.pruning.drop`: layer drop and block drop (He et al. 2024, arXiv 2406.02500).
@@ -26,6 +27,7 @@ from moe_app.core.pruning.experts import (
     keep_experts,
     prune_experts,
 )
+from moe_app.core.pruning.merge import MergeConfig, agglomerative_clusters, merge_clusters, merge_layer
 from moe_app.core.pruning.saliency import SALIENCY_METHODS, saliency_scores
 from moe_app.core.pruning.skipping import apply_skipping, calibrate_skipping, skip_rates
 
@@ -35,8 +37,10 @@ __all__ = [
     "CalibrationConfig",
     "EnumerationConfig",
     "ExpertPruneConfig",
+    "MergeConfig",
     "MoeLayerView",
     "PruneReport",
+    "agglomerative_clusters",
     "apply_skipping",
     "block_drop_scores",
     "calibrate_skipping",
@@ -46,6 +50,8 @@ __all__ = [
     "eval_loss",
     "keep_experts",
     "layer_drop_scores",
+    "merge_clusters",
+    "merge_layer",
     "model_kind",
     "moe_layer_views",
     "prune_experts",

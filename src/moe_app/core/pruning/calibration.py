@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moe_app.core.data.sources import BUILTIN_CHOICES, SourceConfig, load_examples
+from moe_app.core.data.templates import encode_examples
 from moe_app.core.moe.stats import labels_from_mask, token_nll
 from moe_app.errors import ConfigError, DataError
 
@@ -62,7 +64,6 @@ class CalibrationConfig:
 
 def source_config(data: str):
     """The :class:`~moe_app.core.data.sources.SourceConfig` of a ``--data`` value."""
-    from moe_app.core.data.sources import BUILTIN_CHOICES, SourceConfig
 
     if not isinstance(data, str) or not data:
         raise ConfigError("empty calibration data spec", fix="use builtin, builtin:<domain> or a file path")
@@ -82,7 +83,6 @@ def source_config(data: str):
 
 def calibration_examples(data: str | Any, num_samples: int, seed: int = 0) -> list[Any]:
     """``num_samples`` examples of a ``--data`` spec or a ``SourceConfig`` (seeded choice)."""
-    from moe_app.core.data.sources import SourceConfig, load_examples
 
     if isinstance(data, SourceConfig):
         sources = [data]
@@ -112,7 +112,6 @@ def encode_batches(
     tokenizer: Any, examples: Sequence[Any], max_length: int, batch_size: int
 ) -> list[dict[str, Tensor]]:
     """Tokenise examples with the model's template and pad them into ``{"input_ids", "attention_mask"}`` batches."""
-    from moe_app.core.data.templates import encode_examples
 
     encoded = [
         e for e in encode_examples(tokenizer, list(examples), max_length) if e is not None and e.input_ids

@@ -44,8 +44,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_app.core.models.views import MoeLayerView
+from moe_app.core.models.views import MoeLayerView, view_of
 from moe_app.core.moe.router import combine_weights
+from moe_app.core.pruning.saliency import saliency_scores, top_experts
 from moe_app.errors import ConfigError
 
 logger = logging.getLogger("moe_app.core.pruning")
@@ -206,7 +207,6 @@ def subset_losses_naive(
     view: MoeLayerView, xs: Sequence[Tensor], zs: Sequence[Tensor], subsets: Tensor
 ) -> Tensor:
     """Test oracle: per subset, a deep copy of the block with the other experts removed, run on ``X``."""
-    from moe_app.core.models.views import view_of
 
     out = torch.zeros(subsets.shape[0], dtype=torch.float64)
     dev, dtype = view.router_weight.device, view.router_weight.dtype
@@ -242,7 +242,6 @@ def search_layer(
     where: str = "layer",
 ) -> SubsetChoice:
     """The best ``r``-subset of ``view``'s experts on ``(xs, zs)``."""
-    from moe_app.core.pruning.saliency import saliency_scores, top_experts
 
     cfg = cfg or EnumerationConfig()
     num_e = view.num_experts

@@ -1,8 +1,9 @@
 """Expert pruning of a whole model: score every MoE layer on calibration data, slice, update the config.
 
 Orchestrates the per-layer algorithms (:mod:`~moe_app.core.pruning.enumerate` for Lu et al. 2024,
-arXiv 2402.14800; :mod:`~moe_app.core.pruning.saliency` for frequency, He et al.'s expert drop and REAP)
-over the layers of a moe-app model or a stock transformers MoE:
+arXiv 2402.14800; :mod:`~moe_app.core.pruning.saliency` for frequency, He et al.'s expert drop and REAP;
+:mod:`~moe_app.core.pruning.merge` for HC-SMoE merging, arXiv 2410.08589, which merges clusters of
+experts into ``r`` instead of deleting experts) over the layers of a moe-app model or a stock transformers MoE:
 
 * **layer-wise** (default): one calibration pass records every MoE block's input ``X`` and output
   ``Z``; each layer is searched independently.
@@ -36,13 +37,14 @@ from moe_app.core.pruning.calibration import (
     num_tokens,
 )
 from moe_app.core.pruning.enumerate import EnumerationConfig, search_layer, subset_losses
+from moe_app.core.pruning.merge import MergeConfig, check_mergeable, merge_layer
 from moe_app.core.pruning.saliency import SALIENCY_METHODS, global_keep_counts, saliency_scores, top_experts
 from moe_app.core.spec import spec_of
 from moe_app.errors import ConfigError, UnsupportedModelError
 
 logger = logging.getLogger("moe_app.core.pruning")
 
-PRUNE_METHODS = ("enumerate", *SALIENCY_METHODS)
+PRUNE_METHODS = ("enumerate", *SALIENCY_METHODS, "merge")
 
 
 @dataclass
@@ -52,8 +54,10 @@ class ExpertPruneConfig:
     keep: int
     """Experts kept per MoE layer (``r``); must satisfy ``top_k <= keep < num_experts``."""
     method: str = "enumerate"
-    """``enumerate`` (Lu et al. 2024), ``frequency``, ``reap`` (arXiv 2510.13999) or ``expert_drop``
-    (mean routing probability, He et al. 2024)."""
+    """``enumerate`` (Lu et al. 2024), ``frequency``, ``reap`` (arXiv 2510.13999), ``expert_drop``
+    (mean routing probability, He et al. 2024) or ``merge`` (HC-SMoE, arXiv 2410.08589: cluster the
+    experts into ``keep`` groups and merge each group; ``keep`` may then be below ``top_k``, which is
+    lowered to ``keep``)."""
     progressive: bool = False
     """Recompute each layer's input through the layers already pruned (keeps the original target)."""
     scope: str = "layer"
@@ -61,10 +65,14 @@ class ExpertPruneConfig:
     ``keep * L`` experts in total, by score across layers."""
     enumeration: EnumerationConfig = field(default_factory=EnumerationConfig)
     """Subset search settings (limits, sampling fallback, chunking)."""
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    """HC-SMoE settings (``method="merge"`` only): distance and merged router rows."""
 
     def __post_init__(self) -> None:
         if isinstance(self.enumeration, dict):
             self.enumeration = EnumerationConfig(**self.enumeration)
+        if isinstance(self.merge, dict):
+            self.merge = MergeConfig(**self.merge)
         if self.keep < 1:
             raise ConfigError(
                 f"keep must be >= 1, got {self.keep}", where="--keep", fix="keep e.g. 4 of 8 experts"
@@ -100,6 +108,8 @@ class LayerPruneResult:
     """``enumerate``, ``sample`` or the saliency method that chose ``kept``."""
     evaluated: int = 1
     """Subsets scored."""
+    clusters: list[list[int]] | None = None
+    """``merge`` only: the experts merged into each kept one (old numbering, in the order of ``kept``)."""
 
 
 @dataclass
@@ -118,7 +128,7 @@ class PruneReport:
         return float(sum(r.loss for r in self.layers))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "method": self.method,
             "keep": self.keep,
             "progressive": self.progressive,
@@ -129,10 +139,19 @@ class PruneReport:
             "reconstruction_loss": {str(r.layer): r.loss for r in self.layers},
             "search": {str(r.layer): {"how": r.how, "evaluated": r.evaluated} for r in self.layers},
         }
+        if any(r.clusters is not None for r in self.layers):
+            out["clusters"] = {str(r.layer): r.clusters for r in self.layers}
+        return out
 
 
-def check_prunable(model: nn.Module, keep: int, where: str = "model") -> list[tuple[int, MoeLayerView]]:
-    """The model's MoE views, or a ``MoeAppError`` when ``keep`` cannot be applied to them."""
+def check_prunable(
+    model: nn.Module, keep: int, where: str = "model", method: str | None = None
+) -> list[tuple[int, MoeLayerView]]:
+    """The model's MoE views, or a ``MoeAppError`` when ``keep`` cannot be applied to them.
+
+    ``method="merge"`` accepts ``keep < top_k`` (merging lowers ``top_k``) and refuses layers whose
+    experts cannot be merged by weight averaging.
+    """
     views = moe_layer_views(model)
     if not views:
         raise UnsupportedModelError(
@@ -147,7 +166,9 @@ def check_prunable(model: nn.Module, keep: int, where: str = "model") -> list[tu
                 where="--keep",
                 fix=f"choose keep < {view.num_experts}",
             )
-        if keep < view.top_k:
+        if method == "merge":
+            check_mergeable(view, f"{where}, layer {lay}")
+        elif keep < view.top_k:
             raise ConfigError(
                 f"keep={keep} is below layer {lay}'s top_k={view.top_k}: tokens could not route",
                 where="--keep",
@@ -180,6 +201,9 @@ def sync_expert_count(model: nn.Module) -> None:
     for key in ("num_local_experts", "num_experts"):
         if hasattr(cfg, key):
             setattr(cfg, key, n)
+    top_ks = {view.top_k for _, view in moe_layer_views(model)}
+    if len(top_ks) == 1 and hasattr(cfg, "num_experts_per_tok"):
+        cfg.num_experts_per_tok = top_ks.pop()  # lowered by merging below top_k
 
 
 @torch.no_grad()
@@ -194,7 +218,7 @@ def reconstruction_loss(
 def prune_experts(model: nn.Module, batches: Sequence[Any], cfg: ExpertPruneConfig) -> PruneReport:
     """Prune every MoE layer of ``model`` to ``cfg.keep`` experts in place; return the report."""
     batches = normalize_batches(batches)
-    views = check_prunable(model, cfg.keep)
+    views = check_prunable(model, cfg.keep, method=cfg.method)
     was_training = model.training
     model.eval()
     try:
@@ -208,6 +232,23 @@ def prune_experts(model: nn.Module, batches: Sequence[Any], cfg: ExpertPruneConf
                 xs = capture_block_inputs(model, view.module, batches)  # through the pruned layers
             r = counts[lay]
             where = f"layer {lay}"
+            clusters = None
+            if cfg.method == "merge":
+                num_e = view.num_experts
+                kept, clusters = merge_layer(view, xs, r, cfg.merge)
+                # the merged layer with all its experts: the same loss as the other methods report
+                loss = reconstruction_loss(view, xs, zs, range(view.num_experts))
+                how, evaluated = f"merge ({cfg.merge.distance}, router {cfg.merge.router})", 1
+                results.append(LayerPruneResult(lay, num_e, kept, loss, how, evaluated, clusters))
+                logger.info(
+                    "%s: merged %d experts into clusters %s (%s, loss %.6g)",
+                    where,
+                    num_e,
+                    clusters,
+                    how,
+                    loss,
+                )
+                continue
             if cfg.method == "enumerate":
                 choice = search_layer(view, xs, zs, r, cfg.enumeration, where=where)
                 kept, loss, how, evaluated = choice.kept, choice.loss, choice.how, choice.evaluated
@@ -249,6 +290,8 @@ def _record(model: nn.Module, report: PruneReport, cfg: ExpertPruneConfig) -> No
     slot = dict(spec.pruning or {})
     entry = report.to_dict()
     entry["enumeration"] = asdict(cfg.enumeration) if cfg.method == "enumerate" else None
+    if cfg.method == "merge":
+        entry["merge"] = asdict(cfg.merge)
     slot.setdefault("experts", [])
     slot["experts"] = [*slot["experts"], entry]
     spec.pruning = slot
@@ -264,6 +307,9 @@ def _record(model: nn.Module, report: PruneReport, cfg: ExpertPruneConfig) -> No
                 "PESC checkpoints hold one expert count for all layers", fix="use scope=layer for PESC models"
             )
         adapters["config"]["num_experts"] = counts.pop()
+        top_ks = {v.top_k for _, v in moe_layer_views(model)}
+        if "top_k" in adapters["config"] and len(top_ks) == 1:
+            adapters["config"]["top_k"] = top_ks.pop()
 
 
 __all__ = [

@@ -9,6 +9,10 @@ rows, all-reduces the statistics, computes the new weights with
 bitwise the same weights) and hands them to the :class:`~moe_app.lightning.data.mixture.MixtureDataModule`,
 which owns all state (so the checkpoint has it). The update runs in ``on_train_batch_start``,
 before the step's forward, so the training module still reads its own routing after the forward.
+``sentence_embedding`` is scheduled like ``dynamic`` (its probe reads the mean last hidden states
+instead of the gate loads). ``static_gate_load`` is measured once, in ``on_fit_start``: Lightning
+creates the training iterator (and its prefetch draws batch 0) before ``on_train_start``, so the
+one-shot weights must be in force earlier; a resumed run keeps the checkpoint's.
 
 Outputs: one logged scalar per source (``mixture/<name>``) at every update (written to the
 loggers directly, not subject to ``log_every_n_steps``); ``<default_root_dir>/mixture_weights.json``
@@ -28,7 +32,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from moe_app.core.mixing.probe import count_moe_layers, probe_model, select_layers
 from moe_app.core.mixing.protocols import AdaptiveMixture
+from moe_app.core.mixing.rules import GATE_LOAD, mean_embeddings
+from moe_app.core.mixing.sampler import MixtureSampler
+from moe_app.core.utils.atomic import atomic_write_text
 from moe_app.errors import ConfigError
 
 JSON_NAME = "mixture_weights.json"
@@ -61,9 +69,16 @@ class MixtureWeightsCallback(L.Callback):
         model = getattr(pl_module, "model", None)
         return model if isinstance(model, torch.nn.Module) else pl_module
 
-    def _probe(self, trainer: L.Trainer, pl_module: L.LightningModule, dm: Any, *, counts: bool, loss: bool):
-        from moe_app.core.mixing.probe import probe_model
-
+    def _probe(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        dm: Any,
+        *,
+        counts: bool,
+        loss: bool,
+        embeddings: bool = False,
+    ):
         batches = dm.probe_batches(int(trainer.global_rank), int(trainer.world_size))
         stats = probe_model(
             self._model(pl_module),
@@ -72,6 +87,7 @@ class MixtureWeightsCallback(L.Callback):
             dm.mixture.layer,
             need_counts=counts,
             need_loss=loss,
+            need_embeddings=embeddings,
             forward_context=trainer.precision_plugin.forward_context,
         )
         if trainer.world_size > 1:  # one all-reduce of exact integer counts and float64 loss sums
@@ -86,16 +102,15 @@ class MixtureWeightsCallback(L.Callback):
     def _write_json(self, trainer: L.Trainer, dm: Any) -> None:
         if not trainer.is_global_zero:
             return
-        from moe_app.core.utils.atomic import atomic_write_text
 
         m = dm.mixture
         payload = {
             "strategy": m.strategy,
             "sources": dm.names,
-            "eta": m.resolved_eta if m.adaptive else None,
-            "c": m.resolved_c if m.adaptive else None,
+            "eta": m.resolved_eta if m.measured else None,
+            "c": m.resolved_c if m.measured else None,
             "update_every": m.update_every if m.adaptive else None,
-            "layer": m.layer if m.strategy == "dynamic" else None,
+            "layer": m.layer if m.strategy in GATE_LOAD else None,
             "apply_delay": dm.apply_delay,
             "reference_losses": dm.named(dm.reference) if dm.reference is not None else None,
             "final": dm.named_weights(),
@@ -115,12 +130,20 @@ class MixtureWeightsCallback(L.Callback):
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = self._dm(trainer)
-        if dm.mixture.strategy == "dynamic":  # fail before training on a dense model or a bad layer
-            from moe_app.core.mixing.probe import count_moe_layers, select_layers
-
+        if dm.mixture.strategy in GATE_LOAD:  # fail before training on a dense model or a bad layer
             num = count_moe_layers(self._model(pl_module))
             if num is not None:
                 select_layers(num, dm.mixture.layer)
+        if dm.mixture.one_shot and not dm.start_measured:
+            # Before the training loader exists: Lightning draws batch 0 before on_train_start.
+            stats = self._probe(trainer, pl_module, dm, counts=True, loss=False)
+            weights, delta = dm.compute_update(stats.counts, None)
+            weights, delta = trainer.strategy.broadcast((weights, delta), src=0)
+            dm.set_start_weights(weights, delta)
+            rank_zero_info(
+                f"[moe-app] {dm.mixture.strategy} mixture weights (fixed): "
+                + ", ".join(f"{n}={v:.4f}" for n, v in dm.named_weights().items())
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = self._dm(trainer)
@@ -139,7 +162,6 @@ class MixtureWeightsCallback(L.Callback):
     @staticmethod
     def _check_loader(trainer: L.Trainer, dm: Any) -> None:
         """The training loader must draw with the data module's own sampler (not a wrapped copy)."""
-        from moe_app.core.mixing.sampler import MixtureSampler
 
         loaders = trainer.train_dataloader
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
@@ -164,9 +186,19 @@ class MixtureWeightsCallback(L.Callback):
             t0 = time.perf_counter()
             strategy = dm.mixture.strategy
             stats = self._probe(
-                trainer, pl_module, dm, counts=strategy == "dynamic", loss=strategy == "reference_loss"
+                trainer,
+                pl_module,
+                dm,
+                counts=strategy == "dynamic",
+                loss=strategy == "reference_loss",
+                embeddings=strategy == "sentence_embedding",
             )
-            weights, delta = dm.compute_update(stats.counts, stats.dev_losses())
+            emb = (
+                mean_embeddings(stats.embedding_sum, stats.embedding_rows)
+                if stats.embedding_sum is not None and stats.embedding_rows is not None
+                else None
+            )
+            weights, delta = dm.compute_update(stats.counts, stats.dev_losses(), emb)
             # Identical inputs give identical float64 results on every rank; the broadcast makes
             # that a guarantee rather than an assumption (e.g. ranks on different CPU types).
             weights, delta = trainer.strategy.broadcast((weights, delta), src=0)
@@ -176,6 +208,8 @@ class MixtureWeightsCallback(L.Callback):
             self._log(trainer, dm, step)
             self._write_json(trainer, dm)
         dm.note_batch_started()
+        if dm.stage_starts_at(dm.started_batches - 1):  # sequential: a new source's stage begins
+            self._log(trainer, dm, step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = self._dm(trainer)
@@ -196,7 +230,6 @@ class MixtureWeightsCallback(L.Callback):
         print(f"[moe-app] final mixture weights ({dm.mixture.strategy}, {updates} update(s)): {table}")
 
     def _dump_rank(self, trainer: L.Trainer, dm: Any) -> None:
-        from moe_app.core.utils.atomic import atomic_write_text
 
         sampler = dm.sampler()
         draws = {str(b): idx for b, idx in sorted(sampler.drawn.items()) if b < dm.started_batches}

@@ -34,7 +34,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from moe_app.checkpoint.pruning import PruneJob, run_job, write_pruned
+from moe_app.checkpoint.pruning import PruneJob, run_job, validate_job, write_pruned
 from moe_app.core.data.collate import take_batches
 from moe_app.core.data.sources import SourceConfig
 from moe_app.core.models.views import clone_model, model_kind
@@ -42,6 +42,7 @@ from moe_app.core.pruning.calibration import CalibrationConfig, calibration_batc
 from moe_app.core.pruning.enumerate import EnumerationConfig
 from moe_app.core.pruning.experts import ExpertPruneConfig
 from moe_app.errors import ConfigError
+from moe_app.lightning.strategies.fsdp import DecoderLayerFSDPStrategy, unsharded_model
 
 WHEN = ("fit_end", "test_start")
 
@@ -53,7 +54,7 @@ class _PruningCallback(L.Callback):
 
     def __init__(
         self,
-        out_name: str,
+        out_name: str | None = None,
         calibration: CalibrationConfig | None = None,
         source: SourceConfig | None = None,
         calib_batches: int = 8,
@@ -61,6 +62,7 @@ class _PruningCallback(L.Callback):
         when: str = "fit_end",
     ) -> None:
         super().__init__()
+        out_name = out_name or self.default_out_name()
         if when not in WHEN:
             raise ConfigError(f"unknown when={when!r}", where=type(self).__name__, fix=f"use one of {WHEN}")
         if calib_batches < 1 or eval_batches < 0:
@@ -79,6 +81,10 @@ class _PruningCallback(L.Callback):
 
     # ------------------------------------------------------------------ what subclasses provide
     def job(self) -> PruneJob:
+        raise NotImplementedError
+
+    def default_out_name(self) -> str:
+        """The output dir under ``default_root_dir`` when ``out_name`` is not given."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ hooks
@@ -117,7 +123,6 @@ class _PruningCallback(L.Callback):
         return take_batches(loader, self.eval_batches) if loader else []
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, in_place: bool) -> None:
-        from moe_app.lightning.strategies.fsdp import DecoderLayerFSDPStrategy, unsharded_model
 
         sharded = isinstance(trainer.strategy, DecoderLayerFSDPStrategy)
         if sharded and in_place:
@@ -134,7 +139,6 @@ class _PruningCallback(L.Callback):
         # The gathered FSDP replica is already a private copy; otherwise keep the training model intact.
         model = full if in_place or sharded else clone_model(full)
         kind = model_kind(model)
-        from moe_app.checkpoint.pruning import validate_job
 
         validate_job(model, job, type(self).__name__)
         batches = self._calibration(trainer, pl_module)
@@ -198,18 +202,12 @@ class ExpertPruning(_PruningCallback):
         method: str = "enumerate",
         progressive: bool = False,
         scope: str = "layer",
-        max_subsets: int = 20000,
+        max_subsets: int = EnumerationConfig.max_subsets,
         skipping: bool = False,
-        out_name: str | None = None,
-        calibration: CalibrationConfig | None = None,
-        source: SourceConfig | None = None,
-        calib_batches: int = 8,
-        eval_batches: int = 8,
-        when: str = "fit_end",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            out_name or f"model_pruned_r{keep}", calibration, source, calib_batches, eval_batches, when
-        )
+        self.keep = keep
+        super().__init__(**kwargs)
         self.config = ExpertPruneConfig(
             keep=keep,
             method=method,
@@ -218,6 +216,9 @@ class ExpertPruning(_PruningCallback):
             enumeration=EnumerationConfig(max_subsets=max_subsets),
         )
         self.skipping = skipping
+
+    def default_out_name(self) -> str:
+        return f"model_pruned_r{self.keep}"
 
     def job(self) -> PruneJob:
         return PruneJob(experts=self.config, skipping=self.skipping, eval_before_after=False)
@@ -232,16 +233,8 @@ class ExpertSkipping(_PruningCallback):
 
     name = "skip"
 
-    def __init__(
-        self,
-        out_name: str = "model_skip",
-        calibration: CalibrationConfig | None = None,
-        source: SourceConfig | None = None,
-        calib_batches: int = 8,
-        eval_batches: int = 8,
-        when: str = "fit_end",
-    ) -> None:
-        super().__init__(out_name, calibration, source, calib_batches, eval_batches, when)
+    def default_out_name(self) -> str:
+        return "model_skip"
 
     def job(self) -> PruneJob:
         return PruneJob(skipping=True, eval_before_after=False)
@@ -255,27 +248,14 @@ class LayerDrop(_PruningCallback):
 
     name = "layer_drop"
 
-    def __init__(
-        self,
-        num_layers: int = 1,
-        out_name: str | None = None,
-        calibration: CalibrationConfig | None = None,
-        source: SourceConfig | None = None,
-        calib_batches: int = 8,
-        eval_batches: int = 8,
-        when: str = "fit_end",
-    ) -> None:
+    def __init__(self, num_layers: int = 1, **kwargs: Any) -> None:
         if num_layers < 1:
             raise ConfigError(f"num_layers must be >= 1, got {num_layers}", where="LayerDrop", fix="use 1")
-        super().__init__(
-            out_name or f"model_layer_drop{num_layers}",
-            calibration,
-            source,
-            calib_batches,
-            eval_batches,
-            when,
-        )
         self.num_layers = num_layers
+        super().__init__(**kwargs)
+
+    def default_out_name(self) -> str:
+        return f"model_layer_drop{self.num_layers}"
 
     def job(self) -> PruneJob:
         return PruneJob(layer_drop=self.num_layers, eval_before_after=False)
@@ -289,27 +269,14 @@ class BlockDrop(_PruningCallback):
 
     name = "block_drop"
 
-    def __init__(
-        self,
-        num_blocks: int = 1,
-        out_name: str | None = None,
-        calibration: CalibrationConfig | None = None,
-        source: SourceConfig | None = None,
-        calib_batches: int = 8,
-        eval_batches: int = 8,
-        when: str = "fit_end",
-    ) -> None:
+    def __init__(self, num_blocks: int = 1, **kwargs: Any) -> None:
         if num_blocks < 1:
             raise ConfigError(f"num_blocks must be >= 1, got {num_blocks}", where="BlockDrop", fix="use 1")
-        super().__init__(
-            out_name or f"model_block_drop{num_blocks}",
-            calibration,
-            source,
-            calib_batches,
-            eval_batches,
-            when,
-        )
         self.num_blocks = num_blocks
+        super().__init__(**kwargs)
+
+    def default_out_name(self) -> str:
+        return f"model_block_drop{self.num_blocks}"
 
     def job(self) -> PruneJob:
         return PruneJob(block_drop=self.num_blocks, eval_before_after=False)

@@ -12,7 +12,24 @@ The weights come from a strategy:
   ``Delta_i`` is the mean L2 distance of source ``i``'s normalised load to the others'
   (:mod:`moe_app.core.mixing.rules`), so redundant sources lose weight to distinct ones;
 * ``reference_loss`` (DoReMi-like baseline): ``Delta_i`` = dev loss minus the reference loss
-  measured once at the start of training (or given).
+  measured once at the start of training (or given);
+* the paper's other baselines (ALGORITHMS.md section 7b):
+
+  - ``static_gate_load``: the ``dynamic`` update applied once, in ``on_fit_start`` (before the
+    training loader draws its first batch), to the starting weights from the gate loads of the
+    model before training; the result is in force from batch 0 and never changes;
+  - ``sentence_embedding``: like ``dynamic`` (every ``update_every`` steps, compounding, same
+    ``eta``/``c``), with ``Delta_i = (1/n) sum_j (1 - cos(E_i, E_j))``, ``E_i`` the mean over
+    source ``i``'s probe rows of the mean last hidden state over each row's real tokens;
+  - ``random``: Dirichlet(1) weights drawn once from the data module's ``seed`` (identical on every
+    rank), then fixed;
+  - ``sequential``: one source after another in the configured order, each for a share of the
+    training-batch budget proportional to its training rows (:func:`~moe_app.core.mixing.rules.sequential_plan`).
+    The budget is ``trainer.max_steps * accumulate_grad_batches`` batches per rank, else
+    ``max_epochs`` epochs of ``batches_per_epoch``, else (no trainer) one epoch. The plan is a
+    weight schedule by batch index (one-hot weights), fixed at the first ``setup`` and saved in the
+    checkpoint, so a resumed run (even with a longer ``max_steps``) keeps it; past the budget the
+    last source continues.
 
 Tokenisation, collation and the validation/test loaders are :class:`InstructionDataModule`'s; this
 class replaces the training sampler (:mod:`moe_app.core.mixing.sampler`) and holds the mixture
@@ -43,13 +60,18 @@ from moe_app.core.data.sources import SourceConfig
 from moe_app.core.mixing.config import MixtureConfig
 from moe_app.core.mixing.rules import (
     check_weights,
+    embedding_redundancy_scores,
+    gate_load_weights,
     initial_weights,
     layered_redundancy_scores,
+    one_hot,
     reference_loss_scores,
+    sequential_plan,
     update_weights,
 )
 from moe_app.core.mixing.sampler import MixtureSampler, WeightSchedule
 from moe_app.errors import ConfigError
+from moe_app.lightning.callbacks.mixture import MixtureWeightsCallback
 from moe_app.lightning.data.instruction import InstructionDataModule
 
 logger = logging.getLogger("moe_app.core.data")
@@ -112,6 +134,8 @@ class MixtureDataModule(InstructionDataModule):
         self.history: list[dict[str, Any]] = []
         self.started_batches = 0
         self.last_update_step = 0
+        self.start_measured = False
+        """``static_gate_load``: whether the one-shot weights have been measured (then frozen)."""
         self.reference: Tensor | None = (
             torch.tensor([float(m.reference_losses[n]) for n in self.names], dtype=torch.float64)
             if m.reference_losses is not None and m.strategy == "reference_loss"
@@ -128,18 +152,70 @@ class MixtureDataModule(InstructionDataModule):
         super().setup(stage)
         if stage not in ("fit", None):
             return
-        if self.mixture.adaptive:
+        if self.mixture.measured:
             self._check_dev_splits()
         if self.schedule is None:
             w = initial_weights(
-                self.mixture.strategy, self.names, self.source_sizes("train"), self.mixture.weights
+                self.mixture.strategy,
+                self.names,
+                self.source_sizes("train"),
+                self.mixture.weights,
+                seed=self.seed,
             )
             self.schedule = WeightSchedule(w)
             self.history = [{"step": 0, "weights": self.named(w)}]
+            if self.mixture.strategy == "sequential":
+                self._plan_sequential()
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
         self._attach_callback()
+
+    def sequential_budget(self) -> int:
+        """Training batches (per rank) the ``sequential`` plan splits: ``max_steps`` times
+        ``accumulate_grad_batches`` if the trainer has ``max_steps``, else ``max_epochs`` epochs,
+        else (no trainer) one epoch."""
+        trainer = self._trainer_or_none()
+        epoch = self._batches_per_epoch()
+        if trainer is None:
+            return epoch
+        accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+        max_steps = int(getattr(trainer, "max_steps", -1) or -1)
+        if max_steps > 0:
+            return max_steps * accumulate
+        max_epochs = getattr(trainer, "max_epochs", None)
+        if max_epochs is not None and int(max_epochs) > 0:
+            return int(max_epochs) * epoch
+        raise ConfigError(
+            "strategy sequential needs a training length to split between the sources",
+            where="trainer.max_steps",
+            fix="set trainer.max_steps (or trainer.max_epochs).",
+        )
+
+    def _plan_sequential(self) -> None:
+        assert self.schedule is not None
+        sizes = self.source_sizes("train")
+        trainer = self._trainer_or_none()
+        accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1)) if trainer else 1
+        n = len(self.names)
+        plan = sequential_plan([sizes[name] for name in self.names], self.sequential_budget())
+        self.schedule = WeightSchedule(one_hot(n, plan[0][1]))
+        self.history = []
+        for from_batch, src in plan:
+            w = one_hot(n, src)
+            self.schedule.add(from_batch, w)
+            self.history.append(
+                {"step": from_batch // accumulate, "weights": self.named(w), "from_batch": from_batch}
+            )
+
+    def stage_starts_at(self, batch: int) -> bool:
+        """``sequential``: whether a new source's stage starts at training batch ``batch``."""
+        assert self.schedule is not None
+        return (
+            self.mixture.strategy == "sequential"
+            and batch > 0
+            and not torch.equal(self.schedule.weights_at(batch), self.schedule.weights_at(batch - 1))
+        )
 
     def _check_dev_splits(self) -> None:
         sizes = self.source_sizes("val")
@@ -157,7 +233,6 @@ class MixtureDataModule(InstructionDataModule):
         trainer = self._trainer_or_none()
         if trainer is None:
             return
-        from moe_app.lightning.callbacks.mixture import MixtureWeightsCallback
 
         if any(isinstance(cb, MixtureWeightsCallback) for cb in trainer.callbacks):
             return
@@ -189,7 +264,17 @@ class MixtureDataModule(InstructionDataModule):
             raise RuntimeError("call setup('fit') first")
         return self.schedule.latest
 
+    def weights_in_force(self) -> Tensor:
+        """Weights of the last batch handed to training (batch 0's before training): for
+        ``sequential`` the current stage's, not the last stage's (:attr:`weights`)."""
+        if self.schedule is None:
+            raise RuntimeError("call setup('fit') first")
+        return self.schedule.weights_at(max(self.started_batches - 1, 0))
+
     def named_weights(self) -> dict[str, float]:
+        """The latest weights by name; for ``sequential``, those in force (its plan is in the history)."""
+        if self.mixture.strategy == "sequential":
+            return self.named(self.weights_in_force())
         return self.named(self.weights)
 
     def describe(self) -> dict[str, Any]:
@@ -206,11 +291,24 @@ class MixtureDataModule(InstructionDataModule):
         m = self.mixture
         return m.adaptive and step > 0 and step % m.update_every == 0 and step != self.last_update_step
 
-    def compute_update(self, counts: list[Tensor], dev_losses: Tensor | None) -> tuple[Tensor, Tensor]:
-        """New weights and the scores ``Delta`` from reduced probe statistics (pure, float64, CPU)."""
+    def compute_update(
+        self, counts: list[Tensor], dev_losses: Tensor | None, embeddings: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """New weights and the scores ``Delta`` from reduced probe statistics (pure, float64, CPU).
+
+        ``counts``: per-layer gate loads (``dynamic``, ``static_gate_load``); ``dev_losses``
+        (``reference_loss``); ``embeddings``: per-source mean sentence embeddings ``(n, H)``
+        (``sentence_embedding``)."""
         m = self.mixture
+        if m.strategy == "static_gate_load":
+            stacked = torch.stack([c.to(torch.float64).cpu() for c in counts])
+            return gate_load_weights(self.weights, stacked, m.resolved_eta, m.resolved_c)
         if m.strategy == "dynamic":
             delta = layered_redundancy_scores(torch.stack([c.to(torch.float64).cpu() for c in counts]))
+        elif m.strategy == "sentence_embedding":
+            if embeddings is None:
+                raise RuntimeError("sentence_embedding update without embeddings")
+            delta = embedding_redundancy_scores(embeddings)
         else:
             if self.reference is None or dev_losses is None:
                 raise RuntimeError("reference_loss update without reference or dev losses")
@@ -228,6 +326,19 @@ class MixtureDataModule(InstructionDataModule):
         self.history.append(entry)
         self.last_update_step = int(step)
         return from_batch
+
+    def set_start_weights(self, weights: Tensor, delta: Tensor | None = None) -> None:
+        """``static_gate_load``: the one-shot weights, in force from batch 0 (before any is drawn)."""
+        assert self.schedule is not None
+        if self.started_batches > 0 or (self._sampler is not None and self._sampler.cursor > 0):
+            raise RuntimeError("the one-shot mixture weights must be set before the first batch is drawn")
+        start = self.history[0]["weights"] if self.history else self.named(self.weights)
+        self.schedule.add(0, weights)  # replaces the starting entry in place (the sampler shares it)
+        entry: dict[str, Any] = {"step": 0, "weights": self.named(weights), "from_batch": 0, "start": start}
+        if delta is not None:
+            entry["delta"] = self.named(delta)
+        self.history = [entry]
+        self.start_measured = True
 
     def set_reference(self, losses: Tensor) -> None:
         self.reference = torch.as_tensor(losses, dtype=torch.float64).clone()
@@ -262,6 +373,10 @@ class MixtureDataModule(InstructionDataModule):
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
 
+    def _batches_per_epoch(self) -> int:
+        total = self.mixture.samples_per_epoch or len(self._build("train"))
+        return math.ceil(total / self.batch_size)
+
     def sampler(self) -> MixtureSampler:
         """The training sampler (made once; its position follows :attr:`started_batches`)."""
         if self.schedule is None:
@@ -272,7 +387,6 @@ class MixtureDataModule(InstructionDataModule):
             rows = self._build("train")
             counts = self.source_sizes("train")
             sizes = [counts[n] for n in self.names]
-            total = self.mixture.samples_per_epoch or len(rows)
             self._sampler = MixtureSampler(
                 sizes,
                 self.batch_size,
@@ -280,7 +394,7 @@ class MixtureDataModule(InstructionDataModule):
                 seed=self.seed,
                 rank=rank,
                 num_replicas=world,
-                batches_per_epoch=math.ceil(total / self.batch_size),
+                batches_per_epoch=self._batches_per_epoch(),
             )
             self._sampler.started = self.started_batches
             self._sampler.record = self.mixture.dump_rank_files
@@ -358,6 +472,7 @@ class MixtureDataModule(InstructionDataModule):
             "seed": int(self.seed),
             "started_batches": int(self.started_batches),
             "last_update_step": int(self.last_update_step),
+            "start_measured": bool(self.start_measured),
             "schedule": self.schedule.state_dict(),
             "history": [dict(h) for h in self.history],
             "reference_losses": self.reference.tolist() if self.reference is not None else None,
@@ -400,6 +515,7 @@ class MixtureDataModule(InstructionDataModule):
         self.history = [dict(h) for h in state["history"]]
         self.started_batches = int(state["started_batches"])
         self.last_update_step = int(state["last_update_step"])
+        self.start_measured = bool(state.get("start_measured", False))
         ref = state.get("reference_losses")
         self.reference = torch.tensor(ref, dtype=torch.float64) if ref is not None else self.reference
         if self._sampler is not None:

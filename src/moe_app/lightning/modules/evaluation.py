@@ -24,10 +24,14 @@ import torch
 from torch import Tensor
 
 from moe_app.core.data.protocols import DomainNames
+from moe_app.core.data.synthetic import check
+from moe_app.core.data.templates import extract_answer, stop_token_ids
 from moe_app.core.moe.block import find_moe_blocks
 from moe_app.core.moe.stats import example_nll, expert_load
+from moe_app.core.utils.atomic import atomic_write_text
 from moe_app.core.utils.params import count_parameters
 from moe_app.lightning.modules.report import DomainReport
+from moe_app.lightning.strategies.fsdp import DecoderLayerFSDPStrategy
 
 ALL_DOMAINS = "all"
 """The single domain of the report when the data module announces none."""
@@ -114,8 +118,6 @@ class EvaluationMixin:
         """``<default_root_dir>/test_results.json``: what the pipeline summary reads."""
         import json
 
-        from moe_app.core.utils.atomic import atomic_write_text
-
         counts = count_parameters(self.model)
         payload = {
             "module": type(self).__name__,
@@ -134,7 +136,6 @@ class EvaluationMixin:
     @torch.no_grad()
     def generate_answers(self, input_ids: Tensor, attention_mask: Tensor) -> list[str]:
         """Greedy-decode an answer for each left-padded prompt row ``(B, P)``; returns the texts."""
-        from moe_app.core.data.templates import extract_answer, stop_token_ids
 
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -157,7 +158,6 @@ class EvaluationMixin:
     def _sharded_across_ranks(self) -> bool:
         if self._trainer is None or self.trainer.world_size < 2:
             return False
-        from moe_app.lightning.strategies.fsdp import DecoderLayerFSDPStrategy
 
         return isinstance(self.trainer.strategy, DecoderLayerFSDPStrategy)
 
@@ -172,7 +172,6 @@ class EvaluationMixin:
 
 def check_answer(domain: str, prediction: str, reference: str) -> bool:
     """Exact match under the suite's per-domain checker (whitespace-normalised for other sources)."""
-    from moe_app.core.data.synthetic import check
 
     return bool(check(domain, prediction, reference))
 

@@ -25,11 +25,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from moe_app.checkpoint.gguf import fetchable_model_for
+from moe_app.checkpoint.pretrained import read_lineage, save_pretrained_dir
+from moe_app.core.spec import utc_now
 from moe_app.core.utils.dtypes import DTYPES
 from moe_app.core.utils.params import count_parameters
-from moe_app.errors import ConfigError
+from moe_app.core.utils.paths import resolve_output_path
+from moe_app.errors import ConfigError, MoeAppError
 from moe_app.lightning.modules.evaluation import EvaluationMixin
 from moe_app.lightning.modules.optim import OptimConfig, build_optimizer
+from moe_app.lightning.strategies.fsdp import unsharded_model
 
 log = logging.getLogger("moe_app.lightning.modules")
 
@@ -52,7 +57,6 @@ class GenerationConfig:
 
 
 def _fetchable(path: str) -> bool:
-    from moe_app.checkpoint.gguf import fetchable_model_for
 
     return fetchable_model_for(path) is not None
 
@@ -281,7 +285,6 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
         )
 
     def _on_non_finite(self, loss: Tensor, batch_idx: int) -> None:
-        from moe_app.errors import MoeAppError
 
         if self._guard_handles_nonfinite():
             return  # NumericalGuard stops the run before backward, after a diagnostic checkpoint
@@ -336,7 +339,6 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
         path = self.resolved_save_dir()
         if path is None:
             return
-        from moe_app.lightning.strategies.fsdp import unsharded_model
 
         self.trainer.strategy.barrier("moe_app_save")
         full = unsharded_model(self.trainer, self.model)  # gathers shards under FSDP (all ranks)
@@ -352,7 +354,6 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
             return None
         if self.trainer is None:
             return Path(self.save_dir)
-        from moe_app.core.utils.paths import resolve_output_path
 
         return resolve_output_path(
             self.save_dir, self.trainer.default_root_dir, key="model.init_args.save_dir", allow_absolute=True
@@ -361,7 +362,6 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
     def save_model_dir(self, path: Path, model: torch.nn.Module | None = None) -> None:
         """Write ``model`` (default: the training model) and the tokenizer as an HF-style directory
         (atomic). Under FSDP, ``on_train_end`` passes the gathered full model."""
-        from moe_app.checkpoint.pretrained import save_pretrained_dir
 
         save_pretrained_dir(
             model if model is not None else self.model, path, tokenizer=self.tokenizer, lineage=self.lineage()
@@ -369,14 +369,12 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
 
     def lineage(self) -> list[dict[str, Any]]:
         """The source model's lineage plus this stage's entry."""
-        from moe_app.checkpoint.pretrained import read_lineage
 
         previous = read_lineage(self.source.pretrained) if self.source.pretrained else []
         return [*previous, self.lineage_entry()]
 
     def lineage_entry(self) -> dict[str, Any]:
         """What produced this model: which stage, from what, with which settings."""
-        from moe_app.core.spec import utc_now
 
         return {
             "stage": type(self).__name__,

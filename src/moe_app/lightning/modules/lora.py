@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from moe_app.checkpoint.pretrained import save_pretrained_dir
 from moe_app.core.pesc.config import PeftLoraOptions
 from moe_app.core.pesc.merge import merge_peft_lora
 from moe_app.core.pesc.surgery import inject_peft_lora
@@ -43,7 +44,6 @@ class LoraModule(CausalLMModule):
         return model
 
     def save_model_dir(self, path: Path, model: torch.nn.Module | None = None) -> None:
-        from moe_app.checkpoint.pretrained import save_pretrained_dir
 
         # merge into a copy: the training model keeps its adapters (an FSDP replica is already one)
         model = model if model is not None else self.model

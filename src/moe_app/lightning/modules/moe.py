@@ -23,7 +23,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from moe_app.checkpoint.model_dir import save_moe_checkpoint
 from moe_app.core.data.collate import take_batches
+from moe_app.core.moe.block import find_moe_blocks
 from moe_app.core.moe.losses import RouterLossConfig, weighted_router_losses
 from moe_app.core.moe.stats import expert_load
 from moe_app.core.upcycling.config import UpcycleConfig
@@ -81,7 +83,6 @@ class MoeLMModule(CausalLMModule):
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> torch.nn.Module:
-        from moe_app.core.moe.block import find_moe_blocks
 
         model = self.load_base_model()
         already_moe = any(True for _ in find_moe_blocks(model))
@@ -138,7 +139,6 @@ class MoeLMModule(CausalLMModule):
         n = self.log_load_every_n_steps
         if n <= 0 or self.global_step % n != 0:
             return
-        from moe_app.core.moe.block import find_moe_blocks
 
         mask = batch["attention_mask"].reshape(-1).bool()  # (T,)
         for i, (name, block) in enumerate(find_moe_blocks(self.model)):
@@ -156,7 +156,6 @@ class MoeLMModule(CausalLMModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        from moe_app.core.moe.block import find_moe_blocks
 
         blocks = list(find_moe_blocks(self.model))
         rank_zero_info(
@@ -179,7 +178,6 @@ class MoeLMModule(CausalLMModule):
         return entry
 
     def save_model_dir(self, path: Path, model: torch.nn.Module | None = None) -> None:
-        from moe_app.checkpoint.model_dir import save_moe_checkpoint
 
         save_moe_checkpoint(
             model if model is not None else self.model, path, tokenizer=self.tokenizer, lineage=self.lineage()

@@ -22,8 +22,14 @@ from typing import Any
 
 import torch
 
+from moe_app.checkpoint.hub import check_local_model_dir, is_local
+from moe_app.checkpoint.model_dir import is_moe_checkpoint
+from moe_app.checkpoint.names import CONFIG_FILE, PESC_ADAPTER_FILE, PESC_META
+from moe_app.checkpoint.pesc import read_pesc_meta
+from moe_app.checkpoint.shards import open_shard
 from moe_app.core.mixing.protocols import MixtureLineage
 from moe_app.errors import CheckpointError
+from moe_app.lightning.data.instruction import InstructionDataModule
 from moe_app.lightning.modules.lm import ModelSource
 from moe_app.lightning.modules.moe import MoeLMModule
 
@@ -37,8 +43,6 @@ def check_init_from(
     its adapter tensors and the dense base it names are checked). Raises ``CheckpointError`` naming
     the missing / truncated file or the mismatch and how to fix it.
     """
-    from moe_app.checkpoint.model_dir import is_moe_checkpoint
-    from moe_app.checkpoint.names import PESC_ADAPTER_FILE, PESC_META
 
     path = Path(path)
     where = f"init_from={str(path)!r}"
@@ -82,8 +86,6 @@ def check_init_from(
 def _check_model_dir(path: Path, where: str, what: str = "") -> dict[str, Any]:
     """``check_local_model_dir`` (config.json, every listed shard present and readable), re-raised
     with the ``init_from`` location; returns the parsed ``config.json``."""
-    from moe_app.checkpoint.hub import check_local_model_dir
-    from moe_app.checkpoint.names import CONFIG_FILE
 
     try:
         check_local_model_dir(path)
@@ -105,10 +107,6 @@ def _check_model_dir(path: Path, where: str, what: str = "") -> dict[str, Any]:
 def _check_pesc_adapter_dir(path: Path, where: str) -> dict[str, Any]:
     """A PESC adapter-only dir: manifest + adapter tensors present and readable, and the dense base
     it names a complete model dir (when local); returns the base's ``config.json`` (``{}`` for a hub id)."""
-    from moe_app.checkpoint.hub import is_local
-    from moe_app.checkpoint.names import PESC_ADAPTER_FILE, PESC_META
-    from moe_app.checkpoint.pesc import read_pesc_meta
-    from moe_app.checkpoint.shards import open_shard
 
     missing = [n for n in (PESC_META, PESC_ADAPTER_FILE) if not (path / n).is_file()]
     if missing:
@@ -195,7 +193,6 @@ def _with_pretrained(source: ModelSource | None, init_from: str) -> ModelSource:
 def describe_plain_data(dm: Any) -> dict[str, Any] | None:
     """The lineage ``data`` of a data module that does not mix: its class and, for an
     ``InstructionDataModule``, its sources (public ``sources``: name + where each came from)."""
-    from moe_app.lightning.data.instruction import InstructionDataModule
 
     if dm is None:
         return None
