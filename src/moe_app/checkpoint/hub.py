@@ -26,6 +26,7 @@ from moe_app.checkpoint.gguf import (
 )
 from moe_app.checkpoint.names import CONFIG_FILE
 from moe_app.checkpoint.shards import verify_shards
+from moe_app.core.utils.dtypes import dtype_from_name, dtype_names
 from moe_app.errors import CheckpointError
 
 TOKENIZER_FILES = (
@@ -45,18 +46,10 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
     """``"bf16"``/``"bfloat16"``/``torch.bfloat16``/``"auto"``/``None`` -> what transformers accepts."""
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
-    aliases = {
-        "bf16": "bfloat16",
-        "fp16": "float16",
-        "half": "float16",
-        "fp32": "float32",
-        "float": "float32",
-    }
-    name = aliases.get(str(dtype).lower(), str(dtype).lower())
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
+    value = dtype_from_name(str(dtype))
+    if value is None:
         raise CheckpointError(
-            f"unknown dtype {dtype!r}", where="dtype", fix="use float32, bfloat16 or float16"
+            f"unknown dtype {dtype!r}", where="dtype", fix=f"use one of {', '.join(dtype_names())}"
         )
     return value
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from moe_app.checkpoint.hub import copy_tokenizer_files, load_hf_causal_lm, resolve_dtype
 from moe_app.checkpoint.names import CONFIG_FILE, SPEC_FILE
+from moe_app.checkpoint.pesc import is_pesc_adapter_dir, load_pesc_model
 from moe_app.checkpoint.shards import (
     DEFAULT_MAX_SHARD_SIZE,
     ShardWriter,
@@ -39,6 +40,7 @@ from moe_app.checkpoint.spec_file import read_spec, write_spec
 from moe_app.core.pesc.config import SPEC_KIND as PESC_KIND
 from moe_app.core.pesc.surgery import pesc_skeleton
 from moe_app.core.spec import MoeSpec, attach_spec, spec_of
+from moe_app.core.upcycling.skeleton import apply_structure, describe_structure, skipping_from_model
 from moe_app.core.utils.atomic import atomic_directory
 from moe_app.errors import CheckpointError
 
@@ -65,7 +67,6 @@ def is_moe_checkpoint(path: str | Path) -> bool:
 
 def current_spec(model: nn.Module, spec: MoeSpec | None = None) -> MoeSpec:
     """``spec`` (or the one attached to ``model``: :func:`~moe_app.core.spec.spec_of`) with its structure refreshed from the live modules."""
-    from moe_app.core.upcycling.skeleton import describe_structure, skipping_from_model
 
     spec = spec if spec is not None else spec_of(model)
     if spec is None:
@@ -119,7 +120,7 @@ def save_moe_checkpoint(
 def write_model_dir(
     out_dir: str | Path,
     config: Any,
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, torch.Tensor]] | Callable[[ShardWriter], object],
     *,
     generation_config: Any = None,
     tokenizer: Any = None,
@@ -130,7 +131,8 @@ def write_model_dir(
     """An HF-style model directory, written atomically; returns its path.
 
     ``config.json``, the generation config (a bad one is skipped, not fatal), sharded safetensors
-    of ``tensors``, the tokenizer (``save_pretrained``, or the files copied from
+    of ``tensors`` (pairs, or a function that fills the shard writer itself: the streaming
+    conversion, which reserves room before each layer's experts), the tokenizer (``save_pretrained``, or the files copied from
     ``tokenizer_dir``), then ``extra(staging_dir)`` for files of the caller's own (``moe_app.json``).
     """
     out_dir = Path(out_dir)
@@ -140,8 +142,11 @@ def write_model_dir(
             with contextlib.suppress(ValueError, OSError):
                 generation_config.save_pretrained(tmp)
         writer = ShardWriter(tmp, max_shard_size)
-        for k, v in tensors:
-            writer.add(k, v)
+        if callable(tensors):
+            tensors(writer)
+        else:
+            for k, v in tensors:
+                writer.add(k, v)
         writer.close()
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -158,8 +163,6 @@ def build_empty_model(
     """The base model from ``config`` plus the MoE structure of ``spec``, weights uninitialised."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
-
-    from moe_app.core.upcycling.skeleton import apply_structure
 
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -248,7 +251,6 @@ def load_model(
 def _load_pesc_adapter_dir(
     path: str | Path, *, dtype: Any, device: Any, trust_remote_code: bool
 ) -> nn.Module:
-    from moe_app.checkpoint.pesc import load_pesc_model
 
     return load_pesc_model(path, dtype=dtype, device=device)
 
@@ -280,7 +282,6 @@ def _load_hf_dir(path: str | Path, *, dtype: Any, device: Any, trust_remote_code
 
 
 def _is_pesc_adapter_dir(path: Path) -> bool:
-    from moe_app.checkpoint.pesc import is_pesc_adapter_dir
 
     return is_pesc_adapter_dir(path)
 

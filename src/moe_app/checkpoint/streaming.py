@@ -27,8 +27,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from moe_app.checkpoint.hub import check_local_model_dir, copy_tokenizer_files
-from moe_app.checkpoint.model_dir import unique_state_dict
+from moe_app.checkpoint.hub import check_local_model_dir
+from moe_app.checkpoint.model_dir import unique_state_dict, write_model_dir
 from moe_app.checkpoint.pretrained import read_lineage
 from moe_app.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, shard_files
 from moe_app.checkpoint.spec_file import write_spec
@@ -37,7 +37,6 @@ from moe_app.core.spec import LayerSpec, MoeSpec
 from moe_app.core.upcycling.config import UpcycleConfig
 from moe_app.core.upcycling.skeleton import apply_structure, describe_structure
 from moe_app.core.upcycling.surgery import check_mlp_shape, mlp_moe_tensors, mlp_spec_for
-from moe_app.core.utils.atomic import atomic_directory
 from moe_app.errors import CheckpointError, UnsupportedModelError
 
 
@@ -89,17 +88,27 @@ def upcycle_checkpoint_streaming(
     if reason:
         raise StreamingUnsupported(f"streaming conversion impossible: {reason}", fix="use in-memory surgery")
     plan = _plan(src_dir, cfg, trust_remote_code)
-    with atomic_directory(Path(out_dir)) as tmp:
-        written = _stream_tensors(plan, cfg, ShardWriter(tmp, max_shard_size))
+    written: set[str] = set()
+    result: list[MoeSpec] = []
+
+    def describe(staging: Path) -> None:  # runs inside the staging dir, after the shards are complete
         spec = _result_spec(plan, cfg, written, trust_remote_code)
         spec.merge_lineage(read_lineage(plan.src))  # the dense model's own stages come first
         spec.add_stage("upcycle", cfg.to_dict(), None)
-        plan.config.save_pretrained(tmp)
-        if (plan.src / "generation_config.json").is_file():
-            GenerationConfig.from_pretrained(str(plan.src)).save_pretrained(tmp)
-        copy_tokenizer_files(plan.src, tmp)
-        write_spec(tmp, spec)
-    return spec
+        write_spec(staging, spec)
+        result.append(spec)
+
+    has_generation = (plan.src / "generation_config.json").is_file()
+    write_model_dir(
+        out_dir,
+        plan.config,
+        lambda writer: written.update(_stream_tensors(plan, cfg, writer)),
+        generation_config=GenerationConfig.from_pretrained(str(plan.src)) if has_generation else None,
+        tokenizer_dir=plan.src,
+        max_shard_size=max_shard_size,
+        extra=describe,
+    )
+    return result[0]
 
 
 def _plan(src_dir: str | Path, cfg: UpcycleConfig, trust_remote_code: bool) -> _Plan:
@@ -169,7 +178,6 @@ def _stream_tensors(plan: _Plan, cfg: UpcycleConfig, writer: ShardWriter) -> set
             where=str(plan.src),
             fix="the checkpoint is incomplete; re-download or re-save it",
         )
-    writer.close()
     return written
 
 

@@ -18,6 +18,7 @@ import torch
 
 from moe_app.errors import MoeAppError
 from moe_app.lightning.checkpoint_io import checkpoint_dir
+from moe_app.lightning.protocols import NonFiniteLossHandler
 
 log = logging.getLogger("moe_app.reliability")
 
@@ -64,7 +65,7 @@ def _as_float(value: Any) -> float | None:
     return None
 
 
-class NumericalGuard(L.Callback):
+class NumericalGuard(L.Callback, NonFiniteLossHandler):
     """Stop on a non-finite loss or gradient, after saving a diagnostic checkpoint.
 
     The gradient check runs in ``on_before_optimizer_step`` (after backward, before clipping and
@@ -81,7 +82,7 @@ class NumericalGuard(L.Callback):
     def __init__(self, check_loss: bool = True, check_gradients: bool = True, save_checkpoint: bool = True):
         super().__init__()
         self.check_loss = check_loss
-        # Read by CausalLMModule: when set, the module leaves a non-finite loss to this guard.
+        # NonFiniteLossHandler: when set, CausalLMModule leaves a non-finite loss to this guard.
         self.handles_nonfinite_loss = check_loss
         self.check_gradients = check_gradients
         self.save_checkpoint = save_checkpoint

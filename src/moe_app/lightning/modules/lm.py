@@ -34,6 +34,7 @@ from moe_app.core.utils.paths import resolve_output_path
 from moe_app.errors import ConfigError, MoeAppError
 from moe_app.lightning.modules.evaluation import EvaluationMixin
 from moe_app.lightning.modules.optim import OptimConfig, build_optimizer
+from moe_app.lightning.protocols import NonFiniteLossHandler
 from moe_app.lightning.strategies.fsdp import unsharded_model
 
 log = logging.getLogger("moe_app.lightning.modules")
@@ -281,7 +282,8 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
 
     def _guard_handles_nonfinite(self) -> bool:
         return self._trainer is not None and any(
-            getattr(cb, "handles_nonfinite_loss", False) for cb in self._trainer.callbacks
+            isinstance(cb, NonFiniteLossHandler) and cb.handles_nonfinite_loss
+            for cb in self._trainer.callbacks
         )
 
     def _on_non_finite(self, loss: Tensor, batch_idx: int) -> None:
