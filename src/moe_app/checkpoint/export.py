@@ -21,7 +21,8 @@ anything else is refused with the reason (``UnsupportedModelError``). The mappin
 * **base family**: LLaMA / Mistral (no attention bias) -> Mixtral, or Qwen2-MoE with
   ``qkv_bias=False``; Qwen2 (q/k/v bias) -> Qwen2-MoE; Qwen3 (q/k RMSNorm) -> Qwen3-MoE only.
   RoPE parameters, head_dim, sliding window and tied embeddings are carried over.
-* **not representable**: attention MoE, dynamic skipping thresholds, adapters (merge first).
+* **not representable**: attention MoE, dynamic skipping thresholds, adapters (merge first), MLP
+  sublayers removed by layer drop (no stock config can say "this layer has no MLP").
   Noisy gating and jitter act only in training and are dropped: the eval-mode function is exact.
 
 Every tensor's shape is checked against the target architecture (instantiated on the meta device)
@@ -41,8 +42,11 @@ from torch import Tensor, nn
 from moe_app.checkpoint.keymaps import FORMAT_ARCHITECTURES, FORMAT_KEYMAPS
 from moe_app.checkpoint.model_dir import load_model, unique_state_dict, write_model_dir
 from moe_app.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE
+from moe_app.core.models.dropped import DroppedMlp
+from moe_app.core.models.layers import find_decoder_layers
 from moe_app.core.moe.block import SparseMoeBlock
 from moe_app.core.moe.experts import SwiGLUExperts
+from moe_app.core.moe.pesc import LoraExpertsMoeBlock
 from moe_app.core.moe.router import TopKRouter
 from moe_app.core.spec import spec_of
 from moe_app.errors import UnsupportedModelError
@@ -90,7 +94,6 @@ class _Analysis:
 
 
 def _analyse(model: nn.Module) -> _Analysis:
-    from moe_app.core.models.layers import find_decoder_layers
 
     cfg = model.config
     a = _Analysis(model_type=str(getattr(cfg, "model_type", "")))
@@ -106,6 +109,7 @@ def _analyse(model: nn.Module) -> _Analysis:
     if spec is not None and spec.adapters:
         a.common.append("the model has adapters (PESC); merge them into full experts first")
     attn0 = layers[0].self_attn
+    removed: list[int] = []
     for i, layer in enumerate(layers):
         attn = layer.self_attn
         if hasattr(attn, "router"):
@@ -114,6 +118,9 @@ def _analyse(model: nn.Module) -> _Analysis:
             )
             attn0 = getattr(attn, "attention", attn0)
         mlp = layer.mlp
+        if isinstance(mlp, DroppedMlp):
+            removed.append(i)
+            continue
         if isinstance(mlp, SparseMoeBlock):
             if not isinstance(mlp.experts, SwiGLUExperts) or not isinstance(mlp.router, TopKRouter):
                 a.common.append(f"layer {i}'s MoE uses custom experts/router ({type(mlp.experts).__name__})")
@@ -131,6 +138,12 @@ def _analyse(model: nn.Module) -> _Analysis:
             a.dense_f.add(mlp.gate_proj.weight.shape[0])
         else:
             a.common.append(f"layer {i}'s MLP is a {type(mlp).__name__}, which has no stock equivalent")
+    if removed:
+        a.common.append(
+            f"layer drop removed the MLP of layers {removed}, and the stock MoE formats have no per-layer "
+            "'no MLP' option (Mixtral has none; Qwen2/3-MoE's mlp_only_layers / decoder_sparse_step choose a "
+            "dense MLP, not an absent one)"
+        )
     if not a.moe:
         a.common.append("no layer is a Mixture-of-Experts; export the dense model as it is")
     es = {m.num_experts for m in a.moe.values()}
@@ -390,7 +403,6 @@ def _merge_lora_experts_if_any(model: nn.Module) -> nn.Module:
     Adapter-variant PESC blocks cannot be merged and stay as they are (the analysis refuses them
     with the reason).
     """
-    from moe_app.core.moe.pesc import LoraExpertsMoeBlock
 
     if any(isinstance(m, LoraExpertsMoeBlock) for m in model.modules()):
         from moe_app.core.pesc.merge import merge_pesc

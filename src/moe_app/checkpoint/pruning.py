@@ -134,7 +134,14 @@ def run_job(model: nn.Module, batches: list[dict[str, Any]], job: PruneJob) -> d
         drop = most_similar(scores, job.layer_drop)
         drop_mlp_layers(model, drop)
         report["layer_drop"] = {"scores": {str(k): v for k, v in scores.items()}, "dropped": drop}
-        logger.info("layer drop: zeroed MoE sublayers %s (cos %s)", drop, [round(scores[i], 4) for i in drop])
+        how = (
+            "removed"
+            if spec_of(model) is not None
+            else "zeroed (a stock checkpoint cannot record a missing MLP)"
+        )
+        logger.info(
+            "layer drop: %s MoE sublayers %s (cos %s)", how, drop, [round(scores[i], 4) for i in drop]
+        )
     if job.skipping:
         betas = calibrate_skipping(model, batches)
         apply_skipping(model, betas)

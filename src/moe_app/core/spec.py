@@ -3,7 +3,7 @@
 A moe-app checkpoint is the base model's ``config.json`` (unchanged, so the base class can be rebuilt
 from it) plus this file, which says how the base was turned into a Mixture-of-Experts: per decoder
 layer, whether its MLP and/or attention is an MoE and with which shape (experts, top-k, routing
-rule, scale, expert size, shared expert). It is per layer so that later stages can make layers
+rule, scale, expert size, shared expert), or whether its MLP was removed by layer drop. It is per layer so that later stages can make layers
 differ (expert pruning keeps a different number of experts per layer, Lu et al. 2024). Slots for
 later stages: ``adapters`` (PESC, Wu et al. 2024), ``pruning``, ``skipping`` (``{layer: beta}``)
 and ``lineage`` (every stage that produced the checkpoint, with its config and data).
@@ -25,7 +25,10 @@ from moe_app.errors import CheckpointError
 
 SPEC_FILE = "moe_app.json"
 FORMAT = "moe-app"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest schema this moe-app reads. Files are written as version 1 unless they need version 2
+(a layer whose MLP was removed by layer drop), so older moe-app versions keep reading the rest and
+refuse the files they would misread with "newer than this moe-app understands"."""
 
 
 def utc_now() -> str:
@@ -144,6 +147,25 @@ class LayerSpec:
     index: int
     mlp: MlpMoeSpec | None = None
     attention: AttentionMoeSpec | None = None
+    mlp_dropped: bool = False
+    """The MLP sublayer was removed (layer drop): a parameter-free ``DroppedMlp`` adding zero,
+    no tensors in the checkpoint (``moe_app.core.models.dropped``). ``mlp`` is then ``None``."""
+    mlp_norm_dropped: bool = False
+    """With ``mlp_dropped``: the norm in front of the MLP was removed too (it fed only the MLP)."""
+
+    def __post_init__(self) -> None:
+        if self.mlp_dropped and self.mlp is not None:
+            raise CheckpointError(
+                f"layer {self.index} has both an MLP MoE and mlp_dropped",
+                where=SPEC_FILE,
+                fix="repair the layer spec",
+            )
+        if self.mlp_norm_dropped and not self.mlp_dropped:
+            raise CheckpointError(
+                f"layer {self.index} has mlp_norm_dropped without mlp_dropped",
+                where=SPEC_FILE,
+                fix="repair the layer spec",
+            )
 
     @property
     def is_moe(self) -> bool:
@@ -180,6 +202,14 @@ class MoeSpec:
     def moe_layers(self) -> list[int]:
         return [lay.index for lay in self.layers if lay.mlp is not None]
 
+    def dropped_mlp_layers(self) -> list[int]:
+        """Layers whose MLP sublayer was removed by layer drop."""
+        return [lay.index for lay in self.layers if lay.mlp_dropped]
+
+    def written_version(self) -> int:
+        """The schema version the file needs: 2 with a removed MLP, else 1."""
+        return 2 if any(lay.mlp_dropped for lay in self.layers) else 1
+
     def add_stage(self, stage: str, config: dict[str, Any] | None = None, data: Any = None) -> None:
         """Append a lineage entry stamped with the current UTC time."""
         self.lineage.append({"stage": stage, "time": utc_now(), "config": config or {}, "data": data})
@@ -192,7 +222,7 @@ class MoeSpec:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
-            "format_version": self.format_version,
+            "format_version": self.written_version(),
             "base": {
                 "architecture": self.base_architecture,
                 "model_type": self.base_model_type,
@@ -204,6 +234,11 @@ class MoeSpec:
                     "index": lay.index,
                     "mlp": asdict(lay.mlp) if lay.mlp is not None else None,
                     "attention": asdict(lay.attention) if lay.attention is not None else None,
+                    **(
+                        {"mlp_dropped": True, "mlp_norm_dropped": bool(lay.mlp_norm_dropped)}
+                        if lay.mlp_dropped
+                        else {}
+                    ),
                 }
                 for lay in self.layers
             ],
@@ -239,6 +274,8 @@ class MoeSpec:
                         index=i,
                         mlp=MlpMoeSpec(**lay["mlp"]) if lay.get("mlp") else None,
                         attention=AttentionMoeSpec(**lay["attention"]) if lay.get("attention") else None,
+                        mlp_dropped=_flag(lay, "mlp_dropped", where),
+                        mlp_norm_dropped=_flag(lay, "mlp_norm_dropped", where),
                     )
                 )
             return cls(
@@ -261,6 +298,15 @@ class MoeSpec:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+
+def _flag(lay: dict[str, Any], key: str, where: str) -> bool:
+    value = lay.get(key, False)
+    if not isinstance(value, bool):
+        raise CheckpointError(
+            f"layers[{lay.get('index')}].{key} must be true or false, not {value!r}", where=where
+        )
+    return value
 
 
 # ---------------------------------------------------------------------- the spec on a live model

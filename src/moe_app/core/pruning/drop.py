@@ -9,19 +9,29 @@ Through a Unified Framework", arXiv 2406.02500).
 
 Scores are computed once on the unmodified model (as the paper does), over non-padding tokens.
 
-How a dropped MoE sublayer is stored. The sublayer's contribution must become exactly zero in a
-checkpoint that still loads as the same kind: stock transformers configs have no "no MLP here"
-option (Qwen's ``mlp_only_layers`` means a *dense* MLP, Mixtral has nothing), and moe-app's spec
-rebuilds the base layer's MLP for a non-MoE layer. So the layer's ``post_attention_layernorm``
-weight is set to zero: the RMSNorm then outputs 0 for every token, and every MoE block here maps 0
-to 0 (bias-free SwiGLU experts and shared experts, bias-free adapters; the router's uniform weights
-multiply zero outputs), so the sublayer adds exactly 0 and the checkpoint loads anywhere unchanged.
-The cost: the sublayer's weights stay in the file and it still runs. moe-app checkpoints also list
-the layers in ``moe_app.json`` (``pruning.dropped_mlp_layers``) so a loader can replace them by
-:class:`ZeroMlp` and save the compute (:func:`replace_dropped_mlps`). Block drop has none of these
-issues: the decoder layers are deleted and the config's ``num_hidden_layers``, ``layer_types``,
-Qwen's ``mlp_only_layers`` / ``decoder_sparse_step`` and the attention ``layer_idx`` (KV-cache slot)
-are renumbered, so the result is a plain smaller model of the same architecture.
+How a dropped MoE sublayer is stored. In a moe-app model (one carrying a ``MoeSpec``) the sublayer
+is removed, as in the paper: ``layer.mlp`` becomes the parameter-free
+:class:`~moe_app.core.models.dropped.DroppedMlp` (returns zeros, so ``h + mlp(norm(h)) == h``
+exactly) and, where the decoder layer's ``forward`` uses ``post_attention_layernorm`` only as the
+MLP's input (the LLaMA / Mistral / Qwen / Mixtral / OLMoE layout), that norm becomes a
+parameter-free identity too; elsewhere it keeps running (see :mod:`moe_app.core.models.dropped`
+for why: skipping it would need patching transformers). The layer's ``LayerSpec`` records
+``mlp_dropped`` (and ``mlp_norm_dropped``), the checkpoint holds no tensors for the removed
+modules, and ``load_model`` rebuilds the same parameter-free modules. ``pruning.dropped_mlp_layers``
+lists the layers for information.
+
+Stock transformers checkpoints (Mixtral, Qwen2/3-MoE, OLMoE) have no "no MLP here" option (Qwen's
+``mlp_only_layers`` means a *dense* MLP), so for a stock model without a spec the default keeps the
+sublayer and makes it add exactly zero instead (``how="zero_norm"``): the
+``post_attention_layernorm`` weight is zeroed, the RMSNorm outputs 0, and a bias-free MoE block maps
+0 to 0. That checkpoint loads anywhere unchanged but keeps the weights and the compute;
+:func:`replace_dropped_mlps` removes them in memory for inference. Exporting a moe-app model with
+removed MLPs to a stock format is refused for the same reason (``checkpoint/export.py``).
+
+Block drop removes whole decoder layers: they are deleted and the config's ``num_hidden_layers``,
+``layer_types``, Qwen's ``mlp_only_layers`` / ``decoder_sparse_step`` and the attention
+``layer_idx`` (KV-cache slot) are renumbered, so the result is a plain smaller model of the same
+architecture (removed MLPs move with their layers).
 """
 
 from __future__ import annotations
@@ -33,10 +43,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moe_app.core.models.dropped import DroppedMlp, norm_dropped, remove_mlp
 from moe_app.core.models.layers import find_decoder_layers
 from moe_app.core.models.views import moe_layer_views
 from moe_app.core.pruning.calibration import normalize_batches, run_model
-from moe_app.core.spec import spec_of
+from moe_app.core.spec import LayerSpec, spec_of
 from moe_app.errors import ConfigError, UnsupportedModelError
 
 logger = logging.getLogger("moe_app.core.pruning")
@@ -44,11 +55,10 @@ logger = logging.getLogger("moe_app.core.pruning")
 NORM_NAMES = ("post_attention_layernorm",)
 
 
-class ZeroMlp(nn.Module):
-    """An MLP sublayer that adds nothing: ``x -> 0`` (a dropped MoE sublayer at inference)."""
+ZeroMlp = DroppedMlp
+"""Former name of :class:`~moe_app.core.models.dropped.DroppedMlp`."""
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        return torch.zeros_like(hidden_states)
+DROP_MODES = ("auto", "remove", "zero_norm")
 
 
 def _mean_cos(a: Tensor, b: Tensor) -> tuple[float, int]:
@@ -155,42 +165,84 @@ def most_similar(scores: dict[int, float], n: int) -> list[int]:
 
 
 @torch.no_grad()
-def drop_mlp_layers(model: nn.Module, drop: Sequence[int]) -> nn.Module:
-    """Make the MoE sublayers of ``drop`` add exactly zero (zeroed post-attention norm, see module doc)."""
+def drop_mlp_layers(model: nn.Module, drop: Sequence[int], how: str = "auto") -> nn.Module:
+    """Drop the MoE sublayers of decoder layers ``drop`` (see the module doc).
+
+    ``how``: ``remove`` (moe-app models: the MLP and, where the layout allows, its norm replaced by
+    parameter-free modules and recorded in the spec), ``zero_norm`` (the sublayer kept but made to
+    add exactly zero: what a stock checkpoint can store), or ``auto`` (``remove`` if the model
+    carries a ``MoeSpec``, else ``zero_norm``).
+    """
+    if how not in DROP_MODES:
+        raise ConfigError(f"unknown layer-drop mode {how!r}", fix=f"choose one of {', '.join(DROP_MODES)}")
     path, layers = find_decoder_layers(model)
+    spec = spec_of(model)
+    if how == "auto":
+        how = "remove" if spec is not None else "zero_norm"
+    if how == "remove" and spec is None:
+        raise ConfigError(
+            "removing MLP sublayers needs a moe-app model: a stock transformers checkpoint cannot record "
+            "a missing MLP, and saving one would leave its weights to be re-initialised at random",
+            fix="use how='zero_norm' (exact, keeps the weights) or replace_dropped_mlps (in memory, inference only)",
+        )
+    if how == "remove" and spec.adapters:
+        raise ConfigError(
+            "cannot remove MLP sublayers of a model with adapters (PESC): moe_app.json rebuilds the adapters "
+            "on every layer they were built on",
+            fix="merge the adapters first (moe_app.core.pesc.merge.merge_pesc), or use how='zero_norm'",
+        )
     moe = {lay for lay, _ in moe_layer_views(model)}
-    for lay in drop:
+    gone = sorted({int(i) for i in drop})
+    for lay in gone:
         if lay not in moe:
             raise ConfigError(f"layer {lay} has no MoE sublayer to drop", fix=f"choose among {sorted(moe)}")
-        norm = _norm_of(layers[lay], f"{path}.{lay}")
-        norm.weight.zero_()
-        probe = torch.zeros(1, 1, norm.weight.shape[0], dtype=norm.weight.dtype, device=norm.weight.device)
-        was_training = layers[lay].mlp.training
-        layers[lay].mlp.eval()
-        out = layers[lay].mlp(probe)
-        layers[lay].mlp.train(was_training)
-        out = out[0] if isinstance(out, tuple) else out
-        if torch.count_nonzero(out) != 0:
-            raise UnsupportedModelError(
-                f"`{path}.{lay}.mlp` does not map 0 to 0 (it has biases), so zeroing its input norm does not drop it",
-                fix="layer drop supports bias-free MoE blocks",
+    if how == "zero_norm":
+        for lay in gone:
+            _zero_norm(layers[lay], f"{path}.{lay}")
+    else:
+        for lay in gone:
+            remove_mlp(layers[lay])
+            old = spec.layers[lay] if lay < len(spec.layers) else None
+            spec.layers[lay] = LayerSpec(
+                index=lay,
+                attention=old.attention if old is not None else None,
+                mlp_dropped=True,
+                mlp_norm_dropped=norm_dropped(layers[lay]),
             )
-    spec = spec_of(model)
+            spec.skipping.pop(lay, None)
     if spec is not None:
         slot = dict(spec.pruning or {})
-        slot["dropped_mlp_layers"] = sorted(set(slot.get("dropped_mlp_layers", [])) | {int(i) for i in drop})
+        slot["dropped_mlp_layers"] = sorted(set(slot.get("dropped_mlp_layers", [])) | set(gone))
         spec.pruning = slot
     return model
 
 
-def replace_dropped_mlps(model: nn.Module, drop: Sequence[int]) -> nn.Module:
-    """Swap the dropped sublayers for :class:`ZeroMlp` (inference only: saves their compute and memory).
+def _zero_norm(layer: nn.Module, where: str) -> None:
+    """Zero the post-attention norm of ``layer`` so its bias-free MoE sublayer adds exactly 0."""
+    norm = _norm_of(layer, where)
+    norm.weight.zero_()
+    probe = torch.zeros(1, 1, norm.weight.shape[0], dtype=norm.weight.dtype, device=norm.weight.device)
+    was_training = layer.mlp.training
+    layer.mlp.eval()
+    out = layer.mlp(probe)
+    layer.mlp.train(was_training)
+    out = out[0] if isinstance(out, tuple) else out
+    if torch.count_nonzero(out) != 0:
+        raise UnsupportedModelError(
+            f"`{where}.mlp` does not map 0 to 0 (it has biases), so zeroing its input norm does not drop it",
+            fix="layer drop supports bias-free MoE blocks",
+        )
 
-    A model changed this way can no longer be saved as a checkpoint of its original structure.
+
+def replace_dropped_mlps(model: nn.Module, drop: Sequence[int]) -> nn.Module:
+    """Swap the MLPs of layers ``drop`` for :class:`DroppedMlp`, keeping their norms (inference use:
+    e.g. a stock model dropped with ``zero_norm``, to save the compute and memory).
+
+    A stock model changed this way can no longer be saved as a checkpoint of its original structure.
     """
     _, layers = find_decoder_layers(model)
     for lay in drop:
-        layers[lay].mlp = ZeroMlp()
+        remove_mlp(layers[lay], norm=False)
     return model
 
 
@@ -251,6 +303,7 @@ def drop_blocks(model: nn.Module, drop: Sequence[int]) -> nn.Module:
 
 
 __all__ = [
+    "DroppedMlp",
     "ZeroMlp",
     "block_drop_scores",
     "drop_blocks",

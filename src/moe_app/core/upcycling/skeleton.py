@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe_app.core.models.dropped import is_dropped, norm_dropped, remove_mlp
 from moe_app.core.models.layers import find_decoder_layers, hidden_act
+from moe_app.core.moe.attention import AttentionMoe
 from moe_app.core.moe.block import SparseMoeBlock
 from moe_app.core.moe.experts import SwiGLUExperts
 from moe_app.core.moe.router import TopKRouter
@@ -55,7 +57,6 @@ def build_mlp_moe(
 
 def build_attention_moe(attention: nn.Module, spec: AttentionMoeSpec, hidden_size: int, dtype: torch.dtype):
     """Wrap an HF attention module into an ``AttentionMoe`` of the given shape."""
-    from moe_app.core.moe.attention import AttentionMoe
 
     device = next(attention.parameters()).device
     with _no_init(), torch.device(device):
@@ -69,7 +70,9 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def apply_structure(model: nn.Module, spec: MoeSpec) -> nn.Module:
-    """Replace the dense MLP / attention of every MoE layer in ``spec`` by an empty MoE module."""
+    """Replace the dense MLP / attention of every MoE layer in ``spec`` by an empty MoE module, and
+    the MLP (and its norm, where recorded) of every layer-dropped layer by the parameter-free
+    ``DroppedMlp`` / ``DroppedNorm`` (``moe_app.core.models.dropped``)."""
     _, layers = find_decoder_layers(model)
     if len(layers) != spec.num_hidden_layers:
         raise CheckpointError(
@@ -84,6 +87,15 @@ def apply_structure(model: nn.Module, spec: MoeSpec) -> nn.Module:
         layer = layers[lay.index]
         if lay.mlp is not None:
             layer.mlp = build_mlp_moe(lay.mlp, hidden, act, dtype, device)
+        elif lay.mlp_dropped:
+            try:
+                remove_mlp(layer, norm=lay.mlp_norm_dropped)
+            except ValueError as e:
+                raise CheckpointError(
+                    f"layer {lay.index}: {e}",
+                    where="moe_app.json",
+                    fix="load the checkpoint with the transformers version that wrote it",
+                ) from e
         if lay.attention is not None:
             layer.self_attn = build_attention_moe(layer.self_attn, lay.attention, hidden, dtype)
         beta = spec.skipping.get(lay.index)
@@ -139,7 +151,16 @@ def describe_structure(model: nn.Module, previous: MoeSpec | None = None) -> lis
                 rule=attn.router.rule,
                 scale=float(attn.scale),
             )
-        out.append(LayerSpec(index=i, mlp=mlp_spec, attention=attn_spec))
+        dropped = is_dropped(layer)
+        out.append(
+            LayerSpec(
+                index=i,
+                mlp=mlp_spec,
+                attention=attn_spec,
+                mlp_dropped=dropped,
+                mlp_norm_dropped=dropped and norm_dropped(layer),
+            )
+        )
     return out
 
 
