@@ -32,7 +32,8 @@ from jsonargparse import ArgumentParser, Namespace
 
 from moe_app.cli.commands import OFFLINE_COMMANDS
 from moe_app.cli.commands._options import add_options, build
-from moe_app.core.pruning.enumerate import FALLBACKS
+from moe_app.core.pruning.calibration import CalibrationConfig
+from moe_app.core.pruning.enumerate import FALLBACKS, EnumerationConfig
 from moe_app.core.pruning.experts import PRUNE_METHODS
 from moe_app.core.pruning.merge import MERGE_DISTANCES, MERGE_ROUTERS
 
@@ -53,19 +54,19 @@ class PruneOptions:
     """Expert selection method (``merge``: HC-SMoE expert merging)."""
     scope: Literal["layer", "global"] = "layer"
     """``global``: expert_drop across layers."""
-    data: str = "builtin"
+    data: str = CalibrationConfig.data
     """Calibration: ``builtin``, ``builtin:<domain>`` or a local jsonl/json/parquet/csv file or dir."""
-    calib_samples: int = 64
+    calib_samples: int = CalibrationConfig.num_samples
     """Calibration sequences."""
-    max_length: int = 256
+    max_length: int = CalibrationConfig.max_length
     """Tokens per calibration sequence."""
-    batch_size: int = 8
+    batch_size: int = CalibrationConfig.batch_size
     """Calibration sequences per forward."""
     progressive: bool = False
     """Recompute inputs through the layers already pruned."""
-    max_subsets: int = 20000
+    max_subsets: int = EnumerationConfig.max_subsets
     """Enumerate all subsets while ``C(E, r)`` is at most this."""
-    fallback: Literal[FALLBACKS] = "sample"  # type: ignore[valid-type]
+    fallback: Literal[FALLBACKS] = EnumerationConfig.fallback  # type: ignore[valid-type]
     """Selection above ``--max_subsets``."""
     merge_distance: Literal[MERGE_DISTANCES] = "euclidean"  # type: ignore[valid-type]
     """``--method merge``: distance between the experts' average outputs (average linkage)."""
