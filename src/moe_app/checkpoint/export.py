@@ -73,13 +73,29 @@ COMMON_CONFIG_FIELDS = (
 )
 
 
+@dataclass(frozen=True)
+class MoeShape:
+    """The shape of one MoE layer as far as the stock formats care."""
+
+    num_experts: int
+    top_k: int
+    rule: str
+    expert_f: int
+    shared_f: int = 0
+
+
 @dataclass
 class _Analysis:
-    """Facts about a moe-app model that decide which formats can represent it exactly."""
+    """Facts about a moe-app model (or a planned upcycling) that decide which formats represent it exactly.
+
+    Built from live modules (:func:`_analyse`, the in-memory export) or from metadata alone
+    (:func:`stock_analysis`, the one-pass streaming upcycle); both then share :func:`check_format`,
+    :func:`stock_config` and :func:`stock_mlp_tensors`.
+    """
 
     model_type: str
-    moe: dict[int, SparseMoeBlock] = field(default_factory=dict)
-    dense: dict[int, nn.Module] = field(default_factory=dict)
+    moe: dict[int, MoeShape] = field(default_factory=dict)
+    dense: dict[int, int] = field(default_factory=dict)  # layer -> dense d_ff
     common: list[str] = field(default_factory=list)  # reasons no format can represent it
     qkv_bias: bool = False
     o_bias: bool = False
@@ -94,17 +110,11 @@ class _Analysis:
 
 
 def _analyse(model: nn.Module) -> _Analysis:
-
+    """The analysis of a live moe-app model."""
     cfg = model.config
     a = _Analysis(model_type=str(getattr(cfg, "model_type", "")))
     path, layers = find_decoder_layers(model)
-    if path != "model.layers":
-        a.common.append(f"decoder layers live at `{path}`, not `model.layers`")
-    if a.model_type not in KNOWN_BASES:
-        a.common.append(
-            f"base family {a.model_type!r} has no exact counterpart among the stock MoE formats "
-            f"(supported bases: {', '.join(KNOWN_BASES)})"
-        )
+    _check_base(a, path)
     spec = spec_of(model)
     if spec is not None and spec.adapters:
         a.common.append("the model has adapters (PESC); merge them into full experts first")
@@ -130,22 +140,67 @@ def _analyse(model: nn.Module) -> _Analysis:
                     f"layer {i} uses dynamic expert skipping (beta={mlp.router.skip_beta:.3g}), "
                     "which stock routers cannot do; remove `skipping` from moe_app.json to export without it"
                 )
-            a.moe[i] = mlp
-        elif all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
-            if any(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
-                a.common.append(f"layer {i}'s dense MLP has biases")
-            a.dense[i] = mlp
-            a.dense_f.add(mlp.gate_proj.weight.shape[0])
+            a.moe[i] = MoeShape(
+                num_experts=mlp.num_experts,
+                top_k=mlp.top_k,
+                rule=mlp.router.rule,
+                expert_f=mlp.experts.intermediate_size,
+                shared_f=mlp.shared_expert.intermediate_size if mlp.shared_expert is not None else 0,
+            )
         else:
-            a.common.append(f"layer {i}'s MLP is a {type(mlp).__name__}, which has no stock equivalent")
+            _add_dense(a, i, mlp)
     if removed:
         a.common.append(
             f"layer drop removed the MLP of layers {removed}, and the stock MoE formats have no per-layer "
             "'no MLP' option (Mixtral has none; Qwen2/3-MoE's mlp_only_layers / decoder_sparse_step choose a "
             "dense MLP, not an absent one)"
         )
+    _summarise(a)
+    _attention_facts(a, attn0, cfg)
+    return a
+
+
+def stock_analysis(config: Any, meta: nn.Module, moe: dict[int, MoeShape]) -> _Analysis:
+    """The analysis of a dense model (``meta``: its structure, e.g. on the meta device) whose layers
+    ``moe`` are to become MoE layers of the given shapes: what the one-pass upcycle to a stock format
+    checks and maps with, before reading any tensor."""
+    a = _Analysis(model_type=str(getattr(config, "model_type", "")))
+    path, layers = find_decoder_layers(meta)
+    _check_base(a, path)
+    for i, layer in enumerate(layers):
+        if i in moe:
+            a.moe[i] = moe[i]
+        else:
+            _add_dense(a, i, layer.mlp)
+    _summarise(a)
+    _attention_facts(a, layers[0].self_attn, config)
+    return a
+
+
+def _check_base(a: _Analysis, path: str) -> None:
+    if path != "model.layers":
+        a.common.append(f"decoder layers live at `{path}`, not `model.layers`")
+    if a.model_type not in KNOWN_BASES:
+        a.common.append(
+            f"base family {a.model_type!r} has no exact counterpart among the stock MoE formats "
+            f"(supported bases: {', '.join(KNOWN_BASES)})"
+        )
+
+
+def _add_dense(a: _Analysis, i: int, mlp: nn.Module) -> None:
+    if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        if any(getattr(mlp, n).bias is not None for n in ("gate_proj", "up_proj", "down_proj")):
+            a.common.append(f"layer {i}'s dense MLP has biases")
+        a.dense[i] = mlp.gate_proj.weight.shape[0]
+        a.dense_f.add(mlp.gate_proj.weight.shape[0])
+    else:
+        a.common.append(f"layer {i}'s MLP is a {type(mlp).__name__}, which has no stock equivalent")
+
+
+def _summarise(a: _Analysis) -> None:
     if not a.moe:
         a.common.append("no layer is a Mixture-of-Experts; export the dense model as it is")
+        return
     es = {m.num_experts for m in a.moe.values()}
     ks = {m.top_k for m in a.moe.values()}
     if len(es) > 1 or len(ks) > 1:
@@ -153,20 +208,19 @@ def _analyse(model: nn.Module) -> _Analysis:
             f"layers differ in experts/top-k (E in {sorted(es)}, k in {sorted(ks)}); the stock formats "
             "use one value for all layers"
         )
-    if a.moe:
-        a.num_experts, a.top_k = max(es), max(ks)
-        a.rules = {m.router.rule for m in a.moe.values()}
-        a.expert_f = max(m.experts.intermediate_size for m in a.moe.values())
-        a.shared_f = max(
-            (m.shared_expert.intermediate_size if m.shared_expert is not None else 0) for m in a.moe.values()
-        )
+    a.num_experts, a.top_k = max(es), max(ks)
+    a.rules = {m.rule for m in a.moe.values()}
+    a.expert_f = max(m.expert_f for m in a.moe.values())
+    a.shared_f = max(m.shared_f for m in a.moe.values())
+
+
+def _attention_facts(a: _Analysis, attn0: nn.Module, cfg: Any) -> None:
     a.qkv_bias = attn0.q_proj.bias is not None
     if {attn0.k_proj.bias is not None, attn0.v_proj.bias is not None} != {a.qkv_bias}:
         a.common.append("q/k/v projections disagree on having a bias")
     a.o_bias = attn0.o_proj.bias is not None
     a.qk_norm = hasattr(attn0, "q_norm") and hasattr(attn0, "k_norm")
     a.head_dim = int(getattr(attn0, "head_dim", 0) or cfg.hidden_size // cfg.num_attention_heads)
-    return a
 
 
 def _uses_sliding(cfg: Any) -> bool:
@@ -227,33 +281,49 @@ def choose_format(model: nn.Module, fmt: str = "auto") -> str:
         raise UnsupportedModelError(
             f"unknown export format {fmt!r}", fix=f"choose one of {', '.join(FORMATS)}"
         )
-    a = _analyse(model)
+    return check_format(_analyse(model), model.config, fmt)
+
+
+def check_format(
+    a: _Analysis,
+    config: Any,
+    fmt: str,
+    *,
+    where: str | None = None,
+    fix: str = "pick another --format (auto tries all), or keep the moe-app checkpoint",
+) -> str:
+    """The first of ``fmt``'s candidate formats that represents ``a`` exactly; raises
+    ``UnsupportedModelError`` with every reason otherwise."""
+    where = where or f"export --format {fmt}"
     if a.common:
         raise UnsupportedModelError(
             "cannot export exactly: " + "; ".join(dict.fromkeys(a.common)),
-            where=f"export --format {fmt}",
+            where=where,
             fix="export a model without these features, or keep it as a moe-app checkpoint (moe_app.load_model)",
         )
     candidates = ["mixtral", "qwen2_moe", "qwen3_moe"] if fmt == "auto" else [fmt]
     why: dict[str, list[str]] = {}
     for c in candidates:
-        why[c] = _reasons(c, a, model.config)
+        why[c] = _reasons(c, a, config)
         if not why[c]:
             return c
     detail = " | ".join(f"{c}: " + "; ".join(rs) for c, rs in why.items())
     raise UnsupportedModelError(
         f"the model is not exactly representable as {fmt if fmt != 'auto' else 'any stock MoE format'} ({detail})",
-        where=f"export --format {fmt}",
-        fix="pick another --format (auto tries all), or keep the moe-app checkpoint",
+        where=where,
+        fix=fix,
     )
 
 
 def target_config(model: nn.Module, fmt: str) -> Any:
     """The stock config of the exported model."""
+    return stock_config(_analyse(model), model.config, fmt, next(model.parameters()).dtype)
+
+
+def stock_config(a: _Analysis, base: Any, fmt: str, dtype: torch.dtype | None) -> Any:
+    """The stock ``fmt`` config of the dense config ``base`` with the MoE layers described by ``a``."""
     from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
-    a = _analyse(model)
-    base = model.config
     kw = {k: getattr(base, k) for k in COMMON_CONFIG_FIELDS if hasattr(base, k)}
     kw["head_dim"] = a.head_dim
     kw["num_experts_per_tok"] = a.top_k
@@ -296,7 +366,8 @@ def target_config(model: nn.Module, fmt: str) -> Any:
                 attention_bias=bool(getattr(base, "attention_bias", False)),
             )
     cfg.architectures = [FORMAT_ARCHITECTURES[fmt]]
-    cfg.dtype = next(model.parameters()).dtype
+    if dtype is not None:
+        cfg.dtype = dtype
     return cfg
 
 
@@ -313,44 +384,89 @@ def _scaled(t: Tensor, s: float) -> Tensor:
 
 
 def _layer_tensors(fmt: str, i: int, mlp: nn.Module, a: _Analysis, is_moe: bool) -> dict[str, Tensor]:
-    km = FORMAT_KEYMAPS[fmt]
-    out: dict[str, Tensor] = {}
+    """The stock tensors of layer ``i`` of a live moe-app model."""
     if not is_moe:
-        if fmt != "mixtral":  # listed in mlp_only_layers: same keys as a dense MLP
-            for n in ("gate_proj", "up_proj", "down_proj"):
-                out[km[f"dense_{n}"].format(i=i)] = getattr(mlp, n).weight.detach()
-            return out
-        # Mixtral: E copies of the dense FFN under any router reproduce it (weights sum to one).
-        w = mlp.gate_proj.weight
-        out[km["router"].format(i=i)] = w.new_zeros(a.num_experts, w.shape[1])
-        for j in range(a.num_experts):
-            out[km["expert_gate_proj"].format(i=i, j=j)] = mlp.gate_proj.weight.detach()
-            out[km["expert_up_proj"].format(i=i, j=j)] = mlp.up_proj.weight.detach()
-            out[km["expert_down_proj"].format(i=i, j=j)] = mlp.down_proj.weight.detach()
-        return out
+        return stock_mlp_tensors(
+            fmt,
+            i,
+            a,
+            dense=tuple(getattr(mlp, n).weight.detach() for n in ("gate_proj", "up_proj", "down_proj")),
+        )
     block: SparseMoeBlock = mlp
     ex = block.experts
-    f = ex.intermediate_size
-    out[km["router"].format(i=i)] = block.router.weight.detach().to(ex.gate_up_proj.dtype)
-    for j in range(ex.num_experts):
-        gu = ex.gate_up_proj[j].detach()  # (2F, d)
+    se = block.shared_expert
+    return stock_mlp_tensors(
+        fmt,
+        i,
+        a,
+        router=block.router.weight.detach(),
+        gate_up=ex.gate_up_proj.detach(),
+        down=ex.down_proj.detach(),
+        scale=block.scale,
+        shared=None
+        if se is None
+        else tuple(getattr(se, n).weight.detach() for n in ("gate_proj", "up_proj", "down_proj")),
+        shared_gate=block.shared_gate.weight.detach() if block.shared_gate is not None else None,
+    )
+
+
+def stock_mlp_tensors(
+    fmt: str,
+    i: int,
+    a: _Analysis,
+    *,
+    dense: tuple[Tensor, Tensor, Tensor] | None = None,
+    router: Tensor | None = None,
+    gate_up: Tensor | None = None,
+    down: Tensor | None = None,
+    scale: float = 1.0,
+    shared: tuple[Tensor, Tensor, Tensor] | None = None,
+    shared_gate: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The stock ``fmt`` tensors of decoder layer ``i``'s MLP, by their on-disk names.
+
+    A dense layer passes ``dense = (W_gate, W_up, W_down)``; an MoE layer passes moe-app's expert
+    tensors: ``router (E, d)``, ``gate_up (E, 2F, d)``, ``down (E, d, F)``, the block ``scale`` and
+    optionally the shared expert ``(gate, up, down)`` and its sigmoid gate ``(1, d)``. Shared by the
+    in-memory export and the one-pass streaming upcycle, so both write the same bytes.
+    """
+    km = FORMAT_KEYMAPS[fmt]
+    out: dict[str, Tensor] = {}
+    if dense is not None:
+        g, u, dn = dense
+        if fmt != "mixtral":  # listed in mlp_only_layers: same keys as a dense MLP
+            for n, t in zip(("gate_proj", "up_proj", "down_proj"), dense):
+                out[km[f"dense_{n}"].format(i=i)] = t
+            return out
+        # Mixtral: E copies of the dense FFN under any router reproduce it (weights sum to one).
+        out[km["router"].format(i=i)] = g.new_zeros(a.num_experts, g.shape[1])
+        for j in range(a.num_experts):
+            out[km["expert_gate_proj"].format(i=i, j=j)] = g
+            out[km["expert_up_proj"].format(i=i, j=j)] = u
+            out[km["expert_down_proj"].format(i=i, j=j)] = dn
+        return out
+    assert router is not None and gate_up is not None and down is not None
+    num_experts, two_f, d = gate_up.shape
+    f = two_f // 2
+    dtype = gate_up.dtype
+    out[km["router"].format(i=i)] = router.to(dtype)
+    for j in range(num_experts):
+        gu = gate_up[j]  # (2F, d)
         out[km["expert_gate_proj"].format(i=i, j=j)] = _pad_rows(gu[:f], a.expert_f)
         out[km["expert_up_proj"].format(i=i, j=j)] = _pad_rows(gu[f:], a.expert_f)
-        down = _scaled(ex.down_proj[j].detach(), block.scale)  # (d, F)
-        out[km["expert_down_proj"].format(i=i, j=j)] = _pad_cols(down, a.expert_f)
+        dj = _scaled(down[j], scale)  # (d, F)
+        out[km["expert_down_proj"].format(i=i, j=j)] = _pad_cols(dj, a.expert_f)
     if fmt == "qwen2_moe":
-        d = ex.hidden_size
-        dtype = ex.gate_up_proj.dtype
-        se = block.shared_expert
-        if se is None:
-            g = torch.zeros(a.shared_f, d, dtype=dtype)
-            u, dn, gate = g.clone(), torch.zeros(d, a.shared_f, dtype=dtype), torch.zeros(1, d, dtype=dtype)
+        if shared is None:
+            g = torch.zeros(a.shared_f, d, dtype=dtype, device=gate_up.device)
+            u, dn = g.clone(), torch.zeros(d, a.shared_f, dtype=dtype, device=gate_up.device)
+            gate = torch.zeros(1, d, dtype=dtype, device=gate_up.device)
         else:
-            g, u, dn = (getattr(se, n).weight.detach() for n in ("gate_proj", "up_proj", "down_proj"))
-            if block.shared_gate is not None:
-                gate = block.shared_gate.weight.detach()
+            g, u, dn = shared
+            if shared_gate is not None:
+                gate = shared_gate
             else:
-                gate = torch.zeros(1, d, dtype=dtype)  # sigmoid(0) = 1/2 exactly ...
+                gate = torch.zeros(1, d, dtype=dtype, device=gate_up.device)  # sigmoid(0) = 1/2 exactly ...
                 dn = _scaled(dn, 2.0)  # ... compensated by a power-of-two scale: exact
         out[km["shared_gate_proj"].format(i=i)] = _pad_rows(g, a.shared_f)
         out[km["shared_up_proj"].format(i=i)] = _pad_rows(u, a.shared_f)
@@ -364,7 +480,7 @@ _EXPERT_KEY = re.compile(
 )
 
 
-def _check_against_target(cfg: Any, tensors: dict[str, tuple[int, ...]]) -> None:
+def check_against_target(cfg: Any, tensors: dict[str, tuple[int, ...]]) -> None:
     """Assert every exported key feeds a target parameter with a matching shape, and none is missing."""
     from transformers import AutoModelForCausalLM
 
@@ -417,6 +533,7 @@ def export_checkpoint(
     format: str = "auto",
     *,
     tokenizer: Any = None,
+    tokenizer_dir: str | Path | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> ExportResult:
     """Write ``src`` (a moe-app checkpoint dir or an upcycled model) as a stock HF MoE checkpoint."""
@@ -445,14 +562,14 @@ def export_checkpoint(
                 continue
             yield k, v.detach()
 
-    _check_against_target(cfg, {k: tuple(v.shape) for k, v in tensors()})
+    check_against_target(cfg, {k: tuple(v.shape) for k, v in tensors()})
     out_dir = write_model_dir(
         out_dir,
         cfg,
         tensors(),
         generation_config=getattr(model, "generation_config", None),
         tokenizer=tokenizer,
-        tokenizer_dir=src_dir,
+        tokenizer_dir=tokenizer_dir if tokenizer_dir is not None else src_dir,
         max_shard_size=max_shard_size,
     )
     return ExportResult(path=out_dir, format=fmt)

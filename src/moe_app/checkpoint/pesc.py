@@ -1,6 +1,7 @@
 """PESC checkpoints: the adapter-only directory and the full moe-app directory.
 
-The adapter-only directory (:func:`save_pesc_adapters`) holds the trainable tensors in safetensors
+The adapter-only directory (:func:`save_pesc_adapters`) holds the trainable tensors (and the fixed
+masks of sparse adapters) in safetensors
 plus ``pesc.json`` (the :class:`~moe_app.core.pesc.config.PescConfig` and the base model path) and
 reloads on top of the dense base with identical logits (a 4-bit base is re-quantised
 deterministically). A full checkpoint (:func:`save_pesc_full`) is a moe-app checkpoint dir whose
@@ -17,9 +18,15 @@ import torch
 from torch import nn
 
 from moe_app.checkpoint.names import PESC_ADAPTER_FILE, PESC_META
-from moe_app.core.pesc.config import PescConfig, is_pesc_trainable, pesc_config_of
+from moe_app.core.pesc.config import PescConfig, pesc_config_of
 from moe_app.core.pesc.quantize import model_is_quantized
-from moe_app.core.pesc.surgery import build_pesc, pesc_blocks, pesc_spec_slot, pesc_state_dict
+from moe_app.core.pesc.surgery import (
+    build_pesc,
+    pesc_blocks,
+    pesc_checkpoint_tensors,
+    pesc_spec_slot,
+    pesc_state_dict,
+)
 from moe_app.errors import CheckpointError, ConfigError
 
 ADAPTER_FILE = PESC_ADAPTER_FILE
@@ -98,11 +105,14 @@ def read_pesc_meta(path: str | Path) -> dict[str, Any]:
 
 @torch.no_grad()
 def load_pesc_adapters(model: nn.Module, path: str | Path) -> nn.Module:
-    """Copy the tensors of an adapter checkpoint into a ``build_pesc`` model; keys must match exactly."""
+    """Copy the tensors of an adapter checkpoint into a ``build_pesc`` model; keys must match exactly.
+
+    The keys are the trainable PESC parameters plus, for sparse adapters, their fixed masks (buffers).
+    """
     from safetensors.torch import load_file
 
     tensors = load_file(str(Path(path) / ADAPTER_FILE))
-    params = {n: p for n, p in model.named_parameters() if is_pesc_trainable(n)}
+    params = pesc_checkpoint_tensors(model)
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
     if missing or unexpected:

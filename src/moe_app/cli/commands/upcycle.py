@@ -5,6 +5,10 @@ shard; peak memory about one shard, see ``checkpoint/streaming.py``); data-drive
 split, k-means router init), attention MoE and hub ids go through in-memory ``upcycle`` +
 ``save_moe_checkpoint``. Both give the same files.
 
+``--format mixtral|qwen2_moe|qwen3_moe`` writes a stock HF MoE checkpoint instead, in the same single
+pass (``checkpoint/streaming.py: upcycle_to_stock_streaming``; in memory: ``upcycle`` then
+``export_checkpoint`` on the live model); what the format cannot express is refused first.
+
 ``--method pesc`` / ``pesc_lora`` craft a PESC model at initialisation (Wu et al. 2024; shared
 frozen FFN + routed bottleneck adapters, or MixLoRA-style LoRA experts) with
 :func:`~moe_app.core.pesc.surgery.build_pesc` and write it with
@@ -75,6 +79,10 @@ class UpcycleRun:
     """Replace ``--out`` if it exists."""
     trust_remote_code: bool = False
     """Allow the source's custom modelling code."""
+    format: Literal["moe-app", "mixtral", "qwen2_moe", "qwen3_moe"] = "moe-app"
+    """Output format: a moe-app checkpoint, or a stock HF MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE)
+    written directly in the same pass (no intermediate moe-app checkpoint). A construction the
+    format cannot express exactly is refused before any work, with the reason."""
 
 
 def _pesc_config_class():
@@ -162,6 +170,8 @@ def _check_method_options(cfg: Namespace) -> None:
             stray.append("calibration")
         if cfg.streaming == "on":
             stray.append("streaming")
+        if cfg.format != "moe-app":
+            stray.append("format")
         fix = "drop them: PESC needs no calibration data and is built in memory"
     else:
         stray = non_default(cfg, _pesc_config_class(), pesc_option_names())
@@ -228,10 +238,14 @@ def run(cfg: Namespace) -> int:
 
 
 def _run_upcycle(ucfg: UpcycleConfig, opts: UpcycleRun) -> int:
-    from moe_app.checkpoint.hub import check_local_model_dir, is_local, load_hf_causal_lm, load_tokenizer
+    from moe_app.checkpoint.hub import check_local_model_dir, is_local
     from moe_app.checkpoint.model_dir import save_moe_checkpoint
     from moe_app.checkpoint.pretrained import read_lineage
-    from moe_app.checkpoint.streaming import streaming_reason, upcycle_checkpoint_streaming
+    from moe_app.checkpoint.streaming import (
+        check_stock_options,
+        streaming_reason,
+        upcycle_checkpoint_streaming,
+    )
     from moe_app.core.spec import spec_of
     from moe_app.core.upcycling import upcycle
 
@@ -245,12 +259,18 @@ def _run_upcycle(ucfg: UpcycleConfig, opts: UpcycleRun) -> int:
             where="--calibration",
             fix="pass --calibration builtin or --calibration FILE (.jsonl/.json/.parquet/.csv)",
         )
+    stock = opts.format != "moe-app"
+    if stock:
+        check_stock_options(ucfg, opts.format)  # before anything is read
     reason = streaming_reason(ucfg) or (None if local else "the source is a hub id")
     if opts.streaming == "on" and reason:
         raise ConfigError(
             f"--streaming on is impossible: {reason}", where="--streaming", fix="use --streaming auto"
         )
-    if opts.streaming != "off" and reason is None and opts.dtype in ("auto", None):
+    streaming = opts.streaming != "off" and reason is None and opts.dtype in ("auto", None)
+    if stock:
+        return _run_stock(ucfg, opts, streaming, local)
+    if streaming:
         spec = upcycle_checkpoint_streaming(
             opts.model,
             opts.out,
@@ -260,23 +280,7 @@ def _run_upcycle(ucfg: UpcycleConfig, opts: UpcycleRun) -> int:
         )
         mode = "streaming"
     else:
-        model = load_hf_causal_lm(opts.model, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code)
-        tokenizer = load_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code)
-        calibration, data = None, None
-        if ucfg.needs_calibration:
-            if tokenizer is None:
-                raise ConfigError(
-                    "calibration needs the model's tokenizer, but the source has none",
-                    where=opts.model,
-                    fix="save the tokenizer next to the model, or use a data-free split/router init",
-                )
-            calibration = calibration_batches(
-                opts.calibration, tokenizer, opts.seq_len, ucfg.calibration_tokens, ucfg.seed
-            )
-            data = {
-                "calibration": opts.calibration,
-                "tokens": sum(int(b["attention_mask"].sum()) for b in calibration),
-            }
+        model, tokenizer, calibration, data = _load_for_surgery(ucfg, opts)
         upcycle(model, ucfg, calibration, data_description=data)
         save_moe_checkpoint(
             model,
@@ -293,6 +297,77 @@ def _run_upcycle(ucfg: UpcycleConfig, opts: UpcycleRun) -> int:
         f"[moe-app] upcycled {opts.model} -> {opts.out} ({mode}): method={ucfg.method}, "
         f"{len(moe)} MoE layers {moe}, {ucfg.num_experts} experts, top-{ucfg.top_k}, "
         f"scale {ucfg.resolved_scale:g}"
+    )
+    return 0
+
+
+def _load_for_surgery(
+    ucfg: UpcycleConfig, opts: UpcycleRun
+) -> tuple[Any, Any, list[dict] | None, dict | None]:
+    """The dense model, its tokenizer and (if the split/router init needs it) calibration batches."""
+    from moe_app.checkpoint.hub import load_hf_causal_lm, load_tokenizer
+
+    model = load_hf_causal_lm(opts.model, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code)
+    tokenizer = load_tokenizer(opts.model, trust_remote_code=opts.trust_remote_code)
+    calibration, data = None, None
+    if ucfg.needs_calibration:
+        if tokenizer is None:
+            raise ConfigError(
+                "calibration needs the model's tokenizer, but the source has none",
+                where=opts.model,
+                fix="save the tokenizer next to the model, or use a data-free split/router init",
+            )
+        calibration = calibration_batches(
+            opts.calibration, tokenizer, opts.seq_len, ucfg.calibration_tokens, ucfg.seed
+        )
+        data = {
+            "calibration": opts.calibration,
+            "tokens": sum(int(b["attention_mask"].sum()) for b in calibration),
+        }
+    return model, tokenizer, calibration, data
+
+
+def _run_stock(ucfg: UpcycleConfig, opts: UpcycleRun, streaming: bool, local: bool) -> int:
+    """``--format mixtral|qwen2_moe|qwen3_moe``: the stock checkpoint in one pass, refusals first."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moe_app.checkpoint.export import export_checkpoint
+    from moe_app.checkpoint.streaming import check_stock_upcycle, upcycle_to_stock_streaming
+    from moe_app.core.upcycling import upcycle
+
+    fmt = opts.format
+    if streaming:
+        res = upcycle_to_stock_streaming(
+            opts.model,
+            opts.out,
+            ucfg,
+            fmt,
+            max_shard_size=opts.max_shard_size,
+            trust_remote_code=opts.trust_remote_code,
+        )
+        moe, mode = res.moe_layers, "streaming"
+    else:
+        config = AutoConfig.from_pretrained(opts.model, trust_remote_code=opts.trust_remote_code)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config, trust_remote_code=opts.trust_remote_code)
+        a = check_stock_upcycle(config, meta, ucfg, fmt)  # refuse before loading any weight
+        del meta
+        model, tokenizer, calibration, data = _load_for_surgery(ucfg, opts)
+        upcycle(model, ucfg, calibration, data_description=data)
+        export_checkpoint(
+            model,
+            opts.out,
+            fmt,
+            tokenizer=None if local else tokenizer,
+            tokenizer_dir=opts.model if local else None,
+            max_shard_size=opts.max_shard_size,
+        )
+        moe, mode = sorted(a.moe), "in-memory"
+    print(
+        f"[moe-app] upcycled {opts.model} -> {opts.out} ({mode}, stock {fmt}): method={ucfg.method}, "
+        f"{len(moe)} MoE layers {moe}, {ucfg.num_experts} experts, top-{ucfg.top_k}, "
+        f"scale {ucfg.resolved_scale:g} (folded into the experts)"
     )
     return 0
 

@@ -234,6 +234,10 @@ class PescBlockView(_MoeAppRouterMixin, MoeLayerView):
         ad = self.module.adapters
         _slice_param(ad, "down", idx)
         _slice_param(ad, "up", idx)
+        for name in ("down_mask", "up_mask"):  # SparseAdapter's fixed masks go with their experts
+            mask = getattr(ad, name, None)
+            if mask is not None:
+                setattr(ad, name, mask.index_select(0, idx.to(mask.device)).clone())
         ad.num_experts = len(idx)
         self._keep_router(idx)
 

@@ -55,7 +55,8 @@ class PescMoeBlock(_SharedFfnBlock):
     Args:
         mlp: the original dense MLP (``gate_proj``/``up_proj``/``down_proj``), stored as ``ffn``.
         router: top-k router on the FFN input (``softmax_topk_renorm`` in PESC).
-        adapters: the ``E`` stacked bottleneck adapters, stored as ``adapters``.
+        adapters: the ``E`` stacked bottleneck adapters, stored as ``adapters`` (dense, or SparseAdapter
+            with fixed masks: ``BottleneckAdapters(..., sparsity=s)``; the block is the same either way).
         scale: ``s``, multiplier on the adapter mixture.
     """
 

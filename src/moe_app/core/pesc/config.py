@@ -2,7 +2,9 @@
 
 What trains, what an adapter-only checkpoint holds and what a merge touches are all selected by one
 fixed set of parameter-name markers, :data:`TRAINABLE_MARKERS` (the peft convention):
-``.mlp.router.``, ``.mlp.adapters.``, ``.mlp.expert_lora.`` and peft's ``lora_``.
+``.mlp.router.``, ``.mlp.adapters.``, ``.mlp.expert_lora.`` and peft's ``lora_``. The fixed masks of
+sparse adapters (``adapter_sparsity > 0``) are buffers, not parameters: they never train, but an
+adapter-only checkpoint holds them too (:func:`is_pesc_saved_buffer`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from moe_app.core.moe.adapters import IMPLS
+from moe_app.core.moe.adapters import IMPLS, MASK_SCORES
 from moe_app.core.moe.losses import RouterLossConfig
 from moe_app.core.moe.pesc import LoraExpertsMoeBlock, PescMoeBlock
 from moe_app.core.pesc.quantize import COMPUTE_DTYPES
@@ -21,6 +23,10 @@ VARIANTS = ("adapter", "lora")
 
 
 TRAINABLE_MARKERS = (".mlp.router.", ".mlp.adapters.", ".mlp.expert_lora.", "lora_")
+
+
+SAVED_BUFFER_SUFFIXES = (".mlp.adapters.down_mask", ".mlp.adapters.up_mask")
+"""Buffers an adapter-only checkpoint holds besides the trainable parameters: the SparseAdapter masks."""
 
 
 QLORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -85,6 +91,18 @@ class PescConfig:
     The Camelidae training script used 1.0; the released configs 0.25."""
     dropout: float = 0.1
     """``adapter``: dropout on the adapter input (paper: 0.1)."""
+    adapter_sparsity: float = 0.0
+    """``adapter``: SparseAdapter (He et al. 2022, arXiv 2210.04284), the fraction ``s`` in ``[0, 1)`` of
+    every expert's ``D`` and ``U`` entries masked to zero by a mask fixed at initialisation (exactly
+    ``round((1 - s) r d)`` kept per expert and tensor); 0 = dense adapters. The trainable non-zeros
+    are ``(1 - s)`` times those of a dense adapter of the same ``adapter_dim``, so for the budget of a
+    dense width-``r`` adapter use ``adapter_dim = r / (1 - s)`` ("Large-Sparse"; e.g. ``r = 64``:
+    ``s = 0.5`` with ``adapter_dim = 128``, ``s = 0.75`` with ``256``; :func:`equal_budget_adapter_dim`).
+    The stored tensors (and optimizer state) stay dense ``(E, adapter_dim, d)``."""
+    adapter_mask: str = "magnitude"
+    """``adapter``, with ``adapter_sparsity > 0``: how the fixed mask is chosen, from ``seed``.
+    ``magnitude``: keep the largest ``|D|`` at initialisation (``U`` starts at zero, so its mask is
+    seeded-random); ``random``: seeded-random for both."""
     lora_rank: int = 8
     """``lora``: rank of every expert's LoRA pairs (MixLoRA: 8)."""
     lora_alpha: float = 16.0
@@ -136,6 +154,30 @@ class PescConfig:
         for key in ("dropout", "lora_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise bad(key, f"{key}={getattr(self, key)} not in [0, 1)", "use 0.1 (adapter) / 0.05 (lora)")
+        if isinstance(self.adapter_sparsity, bool) or not isinstance(self.adapter_sparsity, (int, float)):
+            raise bad(
+                "adapter_sparsity",
+                f"adapter_sparsity={self.adapter_sparsity!r} is not a number",
+                "use a fraction in [0, 1), e.g. 0.5 (0 = dense adapters)",
+            )
+        if not 0.0 <= self.adapter_sparsity < 1.0:
+            raise bad(
+                "adapter_sparsity",
+                f"adapter_sparsity={self.adapter_sparsity} not in [0, 1)",
+                "use a fraction in [0, 1), e.g. 0.5 with adapter_dim doubled for the dense budget (0 = dense)",
+            )
+        if self.adapter_mask not in MASK_SCORES:
+            raise bad(
+                "adapter_mask",
+                f"unknown adapter_mask {self.adapter_mask!r}",
+                f"use one of {', '.join(MASK_SCORES)}",
+            )
+        if self.adapter_sparsity > 0 and self.variant != "adapter":
+            raise bad(
+                "adapter_sparsity",
+                f"adapter_sparsity={self.adapter_sparsity} applies to variant 'adapter' only, not {self.variant!r}",
+                "set adapter_sparsity: 0 for the lora variant, or use variant: adapter",
+            )
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             raise bad(
                 "lora_rank",
@@ -164,6 +206,23 @@ class PescConfig:
 def is_pesc_trainable(name: str) -> bool:
     """Whether a parameter name belongs to what PESC trains (and what its adapter checkpoint holds)."""
     return any(marker in name for marker in TRAINABLE_MARKERS)
+
+
+def is_pesc_saved_buffer(name: str) -> bool:
+    """Whether a buffer name is one an adapter-only checkpoint holds (a sparse adapter's fixed mask)."""
+    return name.endswith(SAVED_BUFFER_SUFFIXES)
+
+
+def equal_budget_adapter_dim(dense_dim: int, sparsity: float) -> int:
+    """``adapter_dim`` whose sparse adapter has (about) the trainable non-zeros of a dense ``dense_dim`` one.
+
+    ``round(dense_dim / (1 - sparsity))``; exact when ``1 - sparsity`` divides ``dense_dim``.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(
+            f"sparsity={sparsity} not in [0, 1)", where="PescConfig.adapter_sparsity", fix="use e.g. 0.5"
+        )
+    return max(1, round(dense_dim / (1.0 - sparsity)))
 
 
 _CONFIG_ATTR = "moe_app_pesc_config"

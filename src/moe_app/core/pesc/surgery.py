@@ -35,6 +35,7 @@ from moe_app.core.pesc.config import (
     PeftLoraOptions,
     PescConfig,
     attach_pesc_config,
+    is_pesc_saved_buffer,
     is_pesc_trainable,
 )
 from moe_app.core.pesc.quantize import quantize_base_4bit
@@ -59,8 +60,16 @@ def _new_block(layer: nn.Module, where: str, index: int, cfg: PescConfig, act: s
         )
     g = layer_generator(cfg.seed, index, "pesc_experts")
     if cfg.variant == "adapter":
-        adapters = BottleneckAdapters(cfg.num_experts, hidden, cfg.adapter_dim, cfg.dropout, impl=cfg.impl)
-        adapters.reset_parameters(g)
+        adapters = BottleneckAdapters(
+            cfg.num_experts,
+            hidden,
+            cfg.adapter_dim,
+            cfg.dropout,
+            impl=cfg.impl,
+            sparsity=cfg.adapter_sparsity,
+            mask=cfg.adapter_mask,
+        )
+        adapters.reset_parameters(g)  # with adapter_sparsity > 0 this also fixes the masks from `g`
         block: nn.Module = PescMoeBlock(layer.mlp, router, adapters, scale=cfg.scale)
     else:
         lora = LoraExperts(
@@ -137,9 +146,16 @@ def mark_pesc_trainable(model: nn.Module) -> list[str]:
 
 
 # ---------------------------------------------------------------------- adapter-only checkpoint
+def pesc_checkpoint_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """What an adapter-only checkpoint holds, live: the trainable PESC parameters and the sparse-adapter masks."""
+    out: dict[str, Tensor] = {n: p for n, p in model.named_parameters() if is_pesc_trainable(n)}
+    out.update((n, b) for n, b in model.named_buffers() if is_pesc_saved_buffer(n))
+    return out
+
+
 def pesc_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The trainable PESC tensors (routers, adapters / expert LoRA, peft LoRA), detached on CPU."""
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if is_pesc_trainable(n)}
+    """The trainable PESC tensors (routers, adapters / expert LoRA, peft LoRA) and sparse-adapter masks, detached on CPU."""
+    return {n: t.detach().to("cpu").contiguous() for n, t in pesc_checkpoint_tensors(model).items()}
 
 
 # ---------------------------------------------------------------------- full checkpoint (moe-app dir)
@@ -167,6 +183,7 @@ __all__ = [
     "inject_peft_lora",
     "mark_pesc_trainable",
     "pesc_blocks",
+    "pesc_checkpoint_tensors",
     "pesc_skeleton",
     "pesc_spec_slot",
     "pesc_state_dict",

@@ -171,6 +171,13 @@ def _expert_tensors(view: MoeLayerView, where: str | None = None) -> tuple[list[
     if view.kind in ("moe-app", "hf"):
         experts = [m.experts.gate_up_proj, m.experts.down_proj]
     elif view.kind == "pesc":
+        if getattr(m.adapters, "down_mask", None) is not None:
+            raise UnsupportedModelError(
+                "HC-SMoE merging of sparse PESC adapters (adapter_sparsity > 0) is not supported: each expert "
+                "has its own fixed mask, and a merged expert would need the union of its members' masks",
+                where=where,
+                fix="use a pruning method (enumerate, frequency, reap, expert_drop) on sparse adapters",
+            )
         experts = [m.adapters.down, m.adapters.up]
     else:
         raise UnsupportedModelError(
