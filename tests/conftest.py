@@ -48,6 +48,24 @@ def suite_llama_config(**overrides):
     return tiny_llama_config(**{"vocab_size": len(tok), **ids, **overrides})
 
 
+def cpu_trainer(root: Path, steps: int, **kwargs):
+    """A quiet one-process CPU Trainer for short fits (no logger, checkpoints, progress or validation)."""
+    import lightning as L
+
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        default_root_dir=str(root),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    return L.Trainer(**{**settings, **kwargs})
+
+
 def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 

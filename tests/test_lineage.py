@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import moe_app
-from conftest import tiny_llama_config
+from conftest import cpu_trainer, tiny_llama_config
 from moe_app.checkpoint.model_dir import save_moe_checkpoint
 from moe_app.checkpoint.names import LINEAGE_FILE, PESC_ADAPTER_FILE, SPEC_FILE
 from moe_app.checkpoint.pretrained import read_lineage
@@ -30,20 +30,6 @@ def _data() -> InstructionDataModule:
     return InstructionDataModule(sources=src, max_length=48, batch_size=8)
 
 
-def _trainer(root: Path, steps: int) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        default_root_dir=str(root),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-
-
 def _utc(entry: dict) -> datetime:
     t = datetime.fromisoformat(entry["time"])
     assert t.tzinfo is not None and t.utcoffset() == timedelta(0), entry["time"]
@@ -57,7 +43,7 @@ def test_dense_then_upcycle_lineage_is_in_stage_order_with_utc_times(suite_dense
     """Dense training, then an upcycle stage: the dense entry comes first, every time is UTC + zone."""
     L.seed_everything(0)
     dense = CausalLMModule(source=ModelSource(pretrained=str(suite_dense_dir)))
-    _trainer(tmp_path / "dense", 1).fit(dense, datamodule=_data())
+    cpu_trainer(tmp_path / "dense", 1).fit(dense, datamodule=_data())
     dense_dir = tmp_path / "dense" / "model"
     # A plain HF dir: its lineage lives in LINEAGE_FILE only (no moe_app.json, which marks MoE dirs).
     assert (dense_dir / LINEAGE_FILE).is_file() and not (dense_dir / SPEC_FILE).exists()
@@ -68,7 +54,7 @@ def test_dense_then_upcycle_lineage_is_in_stage_order_with_utc_times(suite_dense
         source=ModelSource(pretrained=str(dense_dir)),
         upcycle=UpcycleConfig(method="copy", num_experts=2, top_k=1),
     )
-    _trainer(tmp_path / "up", 1).fit(up, datamodule=_data())
+    cpu_trainer(tmp_path / "up", 1).fit(up, datamodule=_data())
     up_dir = tmp_path / "up" / "model"
     lineage = json.loads((up_dir / SPEC_FILE).read_text())["lineage"]
     assert [e["stage"] for e in lineage] == ["CausalLMModule", "upcycle", "upcycle:copy"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import cpu_trainer
 from moe_app.core.data.sources import SourceConfig
 from moe_app.core.upcycling.config import UpcycleConfig
 from moe_app.errors import CheckpointError
@@ -29,20 +30,6 @@ def _data() -> InstructionDataModule:
     return InstructionDataModule(sources=src, max_length=48, batch_size=8)
 
 
-def _trainer(root: Path, steps: int) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        default_root_dir=str(root),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
-
-
 @pytest.fixture(scope="module")
 def stage1_dir(dense_dir: Path, tmp_path_factory) -> Path:
     """Upcycle (copy, 4 experts top-2) and run a short post-training stage 1."""
@@ -52,9 +39,9 @@ def stage1_dir(dense_dir: Path, tmp_path_factory) -> Path:
         source=ModelSource(pretrained=str(dense_dir)),
         upcycle=UpcycleConfig(method="copy", num_experts=4, top_k=2),
     )
-    _trainer(root / "upcycle", 2).fit(up, datamodule=_data())
+    cpu_trainer(root / "upcycle", 2).fit(up, datamodule=_data())
     stage1 = PostTrainModule(init_from=str(root / "upcycle" / "model"), stage="post_stage1")
-    _trainer(root / "stage1", 3).fit(stage1, datamodule=_data())
+    cpu_trainer(root / "stage1", 3).fit(stage1, datamodule=_data())
     return root / "stage1" / "model"
 
 
@@ -87,7 +74,7 @@ def test_lineage_records_the_final_mixture_weights(stage1_dir: Path, tmp_path: P
         mixture=MixtureConfig(strategy="dynamic", update_every=1, probe_size=4, eta=20.0, plot=False),
     )
     stage2 = PostTrainModule(init_from=str(stage1_dir), stage="post_stage2", requires_stage="post_stage1")
-    _trainer(tmp_path, 3).fit(stage2, datamodule=dm)
+    cpu_trainer(tmp_path, 3).fit(stage2, datamodule=dm)
     lineage = json.loads((tmp_path / "model" / "moe_app.json").read_text())["lineage"]
     assert [e["stage"] for e in lineage][-3:] == ["upcycle:copy", "post_stage1", "post_stage2"]
     data = lineage[-1]["data"]

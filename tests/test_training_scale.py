@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import cpu_trainer
 from moe_app.core.upcycling.config import UpcycleConfig
 from moe_app.lightning.modules.lm import ModelSource
 from moe_app.lightning.modules.moe import MoeLMModule
@@ -62,19 +63,7 @@ def _fit_upcycled(dense: Path, root: Path, precision: str, **trainer_kwargs) -> 
         upcycle=UpcycleConfig(method="copy", num_experts=4, top_k=2),
         save_dir="model",
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=3,
-        precision=precision,
-        default_root_dir=str(root),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        **trainer_kwargs,
-    )
+    trainer = cpu_trainer(root, 3, precision=precision, **trainer_kwargs)
     trainer.fit(module, datamodule=InstructionDataModule(sources=src, max_length=48, batch_size=4))
     return trainer, module
 
