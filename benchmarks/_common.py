@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import platform
+import resource
+from pathlib import Path
+
+MB = 1024 * 1024
 
 
 def cpu_model() -> str:
@@ -15,3 +19,33 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def rss_mb() -> float:
+    """This process's resident set size now, in MB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / MB
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_dense_source(path: Path, layers: int, hidden: int, ffn: int, vocab: int, shard: str) -> None:
+    """A seeded random dense LLaMA (head dim 64, 2 query heads per KV head) saved as safetensors shards."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path, max_shard_size=shard)

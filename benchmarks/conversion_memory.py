@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -25,18 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import make_dense_source, peak_rss_mb, rss_mb
+
 MB = 1024**2
-
-
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / MB
-
-
-def _peak_mb() -> float:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def child(mode: str, src: str, out: str, experts: int, top_k: int, shard: str) -> None:
@@ -48,7 +39,7 @@ def child(mode: str, src: str, out: str, experts: int, top_k: int, shard: str) -
     from moe_app.checkpoint.streaming import upcycle_checkpoint_streaming
     from moe_app.core.upcycling import UpcycleConfig, upcycle
 
-    baseline = _rss_mb()
+    baseline = rss_mb()
     cfg = UpcycleConfig(method="copy", num_experts=experts, top_k=top_k)
     t0 = time.perf_counter()
     if mode == "streaming":
@@ -56,24 +47,9 @@ def child(mode: str, src: str, out: str, experts: int, top_k: int, shard: str) -
     else:
         model = upcycle(load_hf_causal_lm(src, dtype="auto"), cfg)
         save_moe_checkpoint(model, out, max_shard_size=shard)
-    print(json.dumps({"baseline_mb": baseline, "peak_mb": _peak_mb(), "seconds": time.perf_counter() - t0}))
-
-
-def make_source(path: Path, layers: int, hidden: int, ffn: int, vocab: int, shard: str) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 128,
-        tie_word_embeddings=False,
+    print(
+        json.dumps({"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "seconds": time.perf_counter() - t0})
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path, max_shard_size=shard)
 
 
 def dir_size_mb(path: Path, pattern: str = "*.safetensors") -> tuple[float, float]:
@@ -106,7 +82,7 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="moe-conv-bench-"))
     try:
         src = work / "dense"
-        make_source(src, args.layers, args.hidden, args.ffn, args.vocab, args.shard)
+        make_dense_source(src, args.layers, args.hidden, args.ffn, args.vocab, args.shard)
         total_in, largest_in = dir_size_mb(src)
         results = {}
         for mode in ("streaming", "in-memory"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -30,18 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import cpu_model
+from _common import cpu_model, make_dense_source, peak_rss_mb, rss_mb
 
 MB = 1024**2
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def child(mode: str, src: str, work: str, experts: int, top_k: int, shard: str) -> None:
@@ -52,7 +42,7 @@ def child(mode: str, src: str, work: str, experts: int, top_k: int, shard: str) 
     from moe_app.checkpoint.streaming import upcycle_checkpoint_streaming, upcycle_to_stock_streaming
     from moe_app.core.upcycling import UpcycleConfig
 
-    baseline = _rss_mb()
+    baseline = rss_mb()
     cfg = UpcycleConfig(method="copy", num_experts=experts, top_k=top_k)
     out = Path(work) / f"{mode}-out"
     t0 = time.perf_counter()
@@ -64,24 +54,7 @@ def child(mode: str, src: str, work: str, experts: int, top_k: int, shard: str) 
         export_checkpoint(mid, out, "mixtral", max_shard_size=shard)
         shutil.rmtree(mid)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"baseline_mb": baseline, "peak_mb": _peak_mb(), "seconds": seconds}))
-
-
-def make_source(path: Path, layers: int, hidden: int, ffn: int, vocab: int, shard: str) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 128,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path, max_shard_size=shard)
+    print(json.dumps({"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "seconds": seconds}))
 
 
 def main() -> None:
@@ -105,7 +78,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="moe-stock-bench-"))
     try:
         src = work / "dense"
-        make_source(src, args.layers, args.hidden, args.ffn, args.vocab, args.shard)
+        make_dense_source(src, args.layers, args.hidden, args.ffn, args.vocab, args.shard)
         src_mb = sum(p.stat().st_size for p in src.glob("*.safetensors")) / MB
         runs: dict[str, list[dict]] = {"one-pass": [], "two-pass": []}
         out_mb = 0.0
