@@ -43,6 +43,7 @@ import sys
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import Cache
 
 from moe_app.core.moe.block import RoutedBlock
 from moe_app.core.moe.router import TopKRouter
@@ -71,10 +72,6 @@ def _cache_argument(attention: nn.Module) -> str:
     return found[0]
 
 
-def _is_cache(value) -> bool:
-    from transformers.cache_utils import Cache
-
-    return isinstance(value, Cache)
 
 
 def _rope_fn(attention: nn.Module):
@@ -134,7 +131,7 @@ class AttentionMoe(RoutedBlock):
         **kwargs,
     ) -> tuple[Tensor, Tensor | None]:
         cache = kwargs.pop(self._cache_arg, None)
-        stray = [name for name, value in kwargs.items() if _is_cache(value)]
+        stray = [name for name, value in kwargs.items() if isinstance(value, Cache)]
         if stray:
             raise TypeError(
                 f"attention MoE got a KV cache as {stray[0]!r} but the wrapped "
