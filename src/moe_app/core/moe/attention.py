@@ -72,8 +72,6 @@ def _cache_argument(attention: nn.Module) -> str:
     return found[0]
 
 
-
-
 def _rope_fn(attention: nn.Module):
     """The wrapped model's own ``apply_rotary_pos_emb`` (LLaMA's where the module has none)."""
     module = sys.modules.get(type(attention).__module__)
