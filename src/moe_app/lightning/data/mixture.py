@@ -56,7 +56,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from moe_app.core.data.collate import Collator, RowDataset
-from moe_app.core.data.sources import SourceConfig
 from moe_app.core.mixing.config import MixtureConfig
 from moe_app.core.mixing.rules import (
     check_weights,
@@ -89,30 +88,8 @@ class MixtureDataModule(InstructionDataModule):
     Args: those of :class:`InstructionDataModule`, plus ``mixture`` (:class:`MixtureConfig`).
     """
 
-    def __init__(
-        self,
-        sources: list[SourceConfig] | None = None,
-        tokenizer: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        packing: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
-        max_eval_examples_per_source: int | None = None,
-        mixture: MixtureConfig | None = None,
-    ) -> None:
-        super().__init__(
-            sources=sources,
-            tokenizer=tokenizer,
-            max_length=max_length,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            packing=packing,
-            num_workers=num_workers,
-            seed=seed,
-            max_eval_examples_per_source=max_eval_examples_per_source,
-        )
+    def __init__(self, mixture: MixtureConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.mixture = mixture or MixtureConfig()
         self.names: list[str] = [s.name for s in self.sources]
         if self.mixture.weights is not None:
@@ -127,7 +104,7 @@ class MixtureDataModule(InstructionDataModule):
                 )
         m = self.mixture
         self.apply_delay = (
-            m.apply_delay if m.apply_delay is not None else 2 + _LOADER_PREFETCH_FACTOR * num_workers
+            m.apply_delay if m.apply_delay is not None else 2 + _LOADER_PREFETCH_FACTOR * self.num_workers
         )
         # Mixture state (all of it is in state_dict).
         self.schedule: WeightSchedule | None = None
