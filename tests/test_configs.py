@@ -7,6 +7,7 @@ Instantiation is cheap by design (models and tokenizers load lazily in ``configu
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,58 @@ def test_unknown_config_key_exits_2(capsys, tmp_path: Path):
     assert code == 2
     assert "max_stepz" in err
     assert "Traceback" not in err
+
+
+def _pipeline():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("moe_app_pipeline", ROOT / "scripts" / "pipeline.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_real_pipeline_composes_every_stage_from_the_real_size_recipes(tmp_path: Path):
+    """`make demo-real` runs the real-size recipes composed with the SmolLM2 model file and the CPU
+    preset: every fit/test command it runs instantiates, with the preset's settings winning."""
+    pipeline = _pipeline()
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")  # only its existence is checked at instantiation
+    runs = tmp_path / "runs"
+    for d in ("upcycle", "post1", "pruned", "skip", "export/mixtral"):  # what earlier stages write
+        (runs / d / ("" if d.startswith("export") else "model")).mkdir(parents=True, exist_ok=True)
+    stages = pipeline.real_stages(str(runs), str(gguf))
+    assert [s.name for s in stages] == [
+        "fetch",
+        "dense",
+        "upcycle",
+        "pesc",
+        "lora",
+        "post1",
+        "post2",
+        "prune",
+        "skip",
+        "export",
+    ]
+    assert stages[1].label.startswith("dense SmolLM2")  # the dense model is the first row
+    seen = 0
+    for st in stages:
+        for cmd in st.commands:
+            if cmd[0] not in ("fit", "test"):
+                continue
+            assert "configs/presets/cpu_smoke.yaml" in cmd and "configs/models/smollm2-135m.yaml" in cmd
+            recipe = cmd[cmd.index("-c") + 1]
+            assert not recipe.startswith("configs/tiny/"), recipe  # the real-size recipes themselves
+            args = list(cmd[1:])
+            if "--ckpt_path" in args:  # a `test` subcommand argument, not a config key
+                i = args.index("--ckpt_path")
+                del args[i : i + 2]
+            cli = cli_main(args, run=False)
+            assert cli.trainer.max_steps == (pipeline.REAL_STEPS.get(st.name, 20) if cmd[0] == "fit" else 20)
+            assert cli.datamodule.max_length == 128 and cli.datamodule.batch_size == 4
+            assert type(cli.trainer.accelerator).__name__ == "CPUAccelerator"
+            if st.name == "lora":
+                assert cli.model.lora.rank == pipeline.REAL_LORA_RANK
+            seen += 1
+    assert seen == 14  # the dense row (test), 5 trained stages (fit + test), 3 offline stages (test)

@@ -203,6 +203,18 @@ def _quiet_third_party_chatter() -> None:
 
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
         logging.getLogger(name).addFilter(_NoTips())
+    _progress_bars_only_on_a_terminal()
+
+
+def _progress_bars_only_on_a_terminal() -> None:
+    """Off a terminal (logs, CI, pipes), transformers' and datasets' bars are off like moe-app's own
+    (:mod:`moe_app.core.utils.progress`); ``MOE_APP_PROGRESS=1`` forces them all on."""
+    from moe_app.core.utils.progress import progress_enabled
+
+    if progress_enabled():
+        return
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm >= 4.66 reads it: every bar, child processes too
 
 
 def main(argv: list[str] | None = None) -> int:
