@@ -427,12 +427,12 @@ def summary_table(all_stages: list[Stage]) -> str:
         for d in by_dom:
             if d != "ALL" and d not in domains:
                 domains.append(d)
-        rows.append((st.label, res, by_dom))
+        rows.append((st.label, res, by_dom, _train_tokens_per_s(st)))
     if not rows:
         return "(no test results yet)"
-    head = ["model", "total", "active", "trainable", "test loss", *domains, "eval tok/s"]
+    head = ["model", "total", "active", "trainable", "test loss", *domains, "eval tok/s", "train tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, res, by_dom in rows:
+    for label, res, by_dom, train_tps in rows:
         p = res["parameters"]
         overall = by_dom.get("ALL") or next(iter(by_dom.values()))
         accs = []
@@ -450,11 +450,26 @@ def summary_table(all_stages: list[Stage]) -> str:
                     f"{overall['loss']:.3f}",
                     *accs,
                     f"{res.get('eval_tokens_per_s', 0):,.0f}",
+                    "-" if train_tps is None else f"{train_tps:,.0f}",
                 ]
             )
             + " |"
         )
     return "\n".join(lines)
+
+
+def _train_tokens_per_s(stage: Stage) -> float | None:
+    """Median ``train/tokens_per_s`` of the stage's fit (its metrics.csv), if it trained."""
+    if stage.metrics_root is None:
+        return None
+    from moe_app.lightning.plots import latest_metrics_csv, read_curve
+
+    path = latest_metrics_csv(ROOT / stage.metrics_root, key="train/tokens_per_s")
+    if path is None:
+        return None
+    _, values = read_curve(path, "train/tokens_per_s")
+    values = sorted(values[1:] or values)  # the first step includes warm-up work
+    return values[len(values) // 2] if values else None
 
 
 def _human(n: int) -> str:

@@ -230,7 +230,7 @@ def test_attention_moe_all_groups_other_families(family):
     assert_cached_generation_equal(model, PROMPTS, PROMPT_MASK)
 
 
-@pytest.mark.parametrize("kind", ["dense", "mlp-moe", "attention-moe"])
+@pytest.mark.parametrize("kind", ["dense", "mlp-moe", "attention-moe", "attention-moe-top1"])
 def test_sliding_window_shorter_than_the_sequence(kind):
     """Mistral with a 4-token window: the cache keeps only the window (the prompts alone are longer)."""
     model = _mistral(sliding_window=4)
@@ -238,6 +238,8 @@ def test_sliding_window_shorter_than_the_sequence(kind):
         model = _upcycled(model, method="noise", num_experts=4, top_k=2, noise_std=0.5)
     elif kind == "attention-moe":
         model = _upcycled(model, method="attention", num_experts=2, top_k=1)
+    elif kind == "attention-moe-top1":  # groups dropped: the evicted window carries the NaN markers too
+        model = _upcycled(model, method="attention", num_experts=2, top_k=1, attention_top_k=1)
     seq = assert_cached_generation_equal(model, PROMPTS, PROMPT_MASK)
     if kind == "dense":  # the window really matters for these sequences
         unwindowed = _mistral(sliding_window=None)  # same seed, same weights
@@ -249,18 +251,29 @@ def test_sliding_window_shorter_than_the_sequence(kind):
 
 
 @pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
-def test_attention_moe_dropped_groups_refuses_cached_decoding(attn_impl):
+def test_attention_moe_dropped_groups(attn_impl):
+    """top-1 of 2 groups: the cache keeps which group each past token chose (NaN keys elsewhere)."""
     dense = _llama()
     dense.config._attn_implementation = attn_impl
     model = _upcycled(dense, method="attention", num_experts=2, top_k=1, attention_top_k=1)
+    assert all(a.router.top_k == 1 < a.num_groups for a in model.modules() if isinstance(a, AttentionMoe))
     _routing_is_non_uniform(model, PROMPTS, PROMPT_MASK)
-    with pytest.raises(NotImplementedError, match="use_cache=False"):
-        _generate(model, PROMPTS, PROMPT_MASK, use_cache=True)
-    # Without the cache it generates (and deterministically so).
-    a = _generate(model, PROMPTS, PROMPT_MASK, use_cache=False)
-    b = _generate(model, PROMPTS, PROMPT_MASK, use_cache=False)
-    assert torch.equal(a.sequences, b.sequences)
-    assert all(row.unique().numel() > 1 for row in a.sequences[:, PROMPTS.shape[1] :])
+    _check_both_batches(model)
+
+
+def test_attention_moe_dropped_groups_with_mlp_moe_and_four_groups():
+    """2 of 4 groups (8 heads, 4 KV heads) under an MLP MoE: groups drop per token in every layer."""
+    model = _upcycled(
+        _llama(hidden_size=64, num_attention_heads=8, num_key_value_heads=4),
+        method="noise",
+        num_experts=4,
+        top_k=2,
+        noise_std=0.5,
+        attention_moe=True,
+        attention_top_k=2,
+    )
+    _routing_is_non_uniform(model, PROMPTS, PROMPT_MASK)
+    _check_both_batches(model)
 
 
 # ---------------------------------------------------------------------- 5. PESC
