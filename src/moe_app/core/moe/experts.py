@@ -21,6 +21,13 @@ cannot, which brings the MoE block to within a few percent of a dense FFN with t
 parameters (``benchmarks/moe_block.py``). It covers SiLU (every LLaMA / Mistral / Qwen2 model);
 other activations take the plain autograd path, which computes the same thing.
 
+At small per-expert token counts (SmolLM2-135M, 4 x 100 tokens, top-2 of 8: ~100 rows per expert)
+two costs remain that are not arithmetic: MKL's GEMMs with ~100 rows run ~1.17x slower per FLOP
+than the dense FFN's 400-row GEMMs, and the ``(E, 2F, d)`` weight gradient (57 MB there) is above
+glibc's largest mmap threshold (32 MB), so every step gets fresh pages the kernel must zero (about
+a quarter of the MoE backward on CPU; ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` or
+jemalloc remove it; ``benchmarks/moe_train_step.py`` reports faults per phase).
+
 Grouped matmul: ``torch.nn.functional.grouped_mm`` (fp32/bf16/fp16, row strides 16-byte aligned,
 i.e. ``d`` and ``F`` multiples of 4 in fp32 and 8 in bf16). Where it does not apply, the same
 sorted buffer is processed by a loop over experts (never over tokens).
@@ -63,11 +70,13 @@ def _gmm_weight_grad(a: Tensor, b: Tensor, offs: Tensor, counts: list[int] | Non
     """Per segment ``a_g^T b_g`` for ``a (N, K)``, ``b (N, M)`` -> ``(G, K, M)``; zero for empty segments."""
     if counts is None:
         return F.grouped_mm(a.t(), b, offs=offs)
-    out = a.new_zeros(len(counts), a.shape[1], b.shape[1])  # (G, K, M)
+    out = a.new_empty(len(counts), a.shape[1], b.shape[1])  # (G, K, M): one pass, not zeros then GEMM
     start = 0
     for g, n in enumerate(counts):
         if n:
             torch.mm(a[start : start + n].t(), b[start : start + n], out=out[g])
+        else:
+            out[g].zero_()
         start += n
     return out
 

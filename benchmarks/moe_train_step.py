@@ -1,0 +1,259 @@
+"""Training step of a copy-upcycled MoE against its dense source, phase by phase, in one run.
+
+Claim measured: a training step of the model copy-upcycled to ``E`` experts, top-``k``
+(Komatsuzaki et al. 2023, "Sparse Upcycling") costs about its FLOP ratio to the dense step, i.e.
+the MoE machinery (routing, sort-by-expert dispatch, the ``E``-times larger optimiser state and
+gradient clipping over every expert) adds little on top of the arithmetic. Target: time ratio /
+FLOP ratio <= 1.25.
+
+One step is what ``MoeLMModule`` does with ``--trainer.gradient_clip_val 1.0``: forward with
+labels (plus the router losses for the MoE), backward, ``clip_grad_norm_`` (Lightning's call),
+``build_optimizer``'s AdamW step and scheduler step, ``zero_grad(set_to_none=True)``. Each phase
+is timed; the optimiser phase is timed twice on the same gradients, with the kernel
+``OptimConfig.impl`` picks (``new``) and with torch's default per-tensor loop that
+``build_optimizer`` used before (``old``), sharing one optimiser state (the MoE's AdamW state
+alone is 5.5 GB for SmolLM2-135M). ``--baseline`` swaps which of the two updates the parameters;
+the timing is the same either way. Page faults (minor faults) and system time are reported per
+phase because freshly allocated gradient buffers cost the kernel's page zeroing on CPU.
+
+The FLOP ratio comes from the shapes: matmul multiply-adds per token of attention projections,
+attention scores over the average causal context, FFN / ``k`` experts plus the router, LM head.
+
+Method (DESIGN.md, "Performance method"): one process, dense and MoE interleaved (D, M, D, M, ...)
+after warm-up, median of the repeats, ratios from the same run.
+
+    python benchmarks/moe_train_step.py --tiny                     # seconds, synthetic shapes
+    flock /work/notes/bigmem.lock python benchmarks/moe_train_step.py --model DIR_OR_GGUF
+        # default model: the SmolLM2-135M-Instruct GGUF in the moe-app cache; ~13 GB RSS
+    python benchmarks/moe_train_step.py ... --clock cpu --threads 1  # steadier on a busy machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from _common import cpu_model, peak_rss_mb
+
+PHASES = ("forward", "backward", "clip", "optimizer")
+DEFAULT_GGUF = Path(os.environ.get("MOE_APP_CACHE", "~/.cache/moe_app")).expanduser() / (
+    "gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+
+
+def load_dense(args: argparse.Namespace) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if args.tiny:
+        cfg = LlamaConfig(
+            vocab_size=2048,
+            hidden_size=128,
+            intermediate_size=352,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(cfg)
+    from moe_app.checkpoint.hub import load_hf_causal_lm
+
+    model = load_hf_causal_lm(args.model, dtype="float32")
+    if args.layers:  # the first N real decoder layers: real shapes and weights in a few GB
+        model.model.layers = model.model.layers[: args.layers]
+        model.config.num_hidden_layers = args.layers
+    return model
+
+
+def macs_per_token(cfg, seq: int, experts: int | None, top_k: int) -> float:
+    """Matmul multiply-adds per token of one forward (training is ~3x for both models)."""
+    d, ffn, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    attn = d * q + 2 * d * kv + q * d + 2 * q * (seq + 1) / 2  # projections + QK^T, AV (causal)
+    mlp = 3 * d * ffn if experts is None else top_k * 3 * d * ffn + d * experts
+    return layers * (attn + mlp) + d * vocab
+
+
+class Usage:
+    """Wall or process CPU time, system time and minor page faults between two marks."""
+
+    def __init__(self, clock: str) -> None:
+        self.clock = clock
+
+    def now(self) -> tuple[float, float, int]:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        t = time.perf_counter() if self.clock == "wall" else r.ru_utime + r.ru_stime
+        return t, r.ru_stime, r.ru_minflt
+
+
+class Candidate:
+    def __init__(self, name: str, model: nn.Module, args: argparse.Namespace, is_moe: bool) -> None:
+        from moe_app.lightning.modules.optim import OptimConfig, build_optimizer
+
+        self.name, self.model, self.is_moe, self.args = name, model, is_moe, args
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        cfg = OptimConfig(lr=1e-6, weight_decay=0.01, warmup_steps=0, schedule="constant", impl="auto")
+        out = build_optimizer(self.params, cfg, total_steps=1000)
+        self.opt, self.sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+        self.new_kernel = {k: self.opt.param_groups[0][k] for k in ("fused", "foreach")}
+        self.old_kernel = {"fused": False, "foreach": None}  # torch's default: the loop on CPU
+        self.times: dict[str, list[float]] = {p: [] for p in (*PHASES, "optimizer_old")}
+        self.sys: dict[str, list[float]] = {p: [] for p in self.times}
+        self.faults: dict[str, list[int]] = {p: [] for p in self.times}
+        model.train()
+
+    def _kernel(self, kernel: dict) -> None:
+        for group in self.opt.param_groups:
+            group.update(kernel)
+
+    def step(self, ids: torch.Tensor, mask: torch.Tensor, usage: Usage, record: bool) -> None:
+        from moe_app.core.moe.losses import RouterLossConfig, weighted_router_losses
+
+        marks = [usage.now()]
+        loss = self.model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
+        if self.is_moe:
+            loss = loss + sum(weighted_router_losses(self.model, mask, RouterLossConfig()).values())
+        marks.append(usage.now())
+        loss.backward()
+        marks.append(usage.now())
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)  # what Lightning's gradient_clip_val calls
+        marks.append(usage.now())
+        # The two kernels on the same gradients; the second one's update is the one that counts.
+        order = [("optimizer", self.new_kernel), ("optimizer_old", self.old_kernel)]
+        if self.args.baseline:
+            order.reverse()
+        spans = {}
+        for name, kernel in order:
+            self._kernel(kernel)
+            t0 = usage.now()
+            self.opt.step()
+            spans[name] = (t0, usage.now())
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if not record:
+            return
+        for phase, a, b in zip(PHASES[:3], marks, marks[1:], strict=False):
+            self._record(phase, a, b)
+        for name, (a, b) in spans.items():
+            self._record(name, a, b)
+
+    def _record(self, phase: str, a, b) -> None:
+        self.times[phase].append(b[0] - a[0])
+        self.sys[phase].append(b[1] - a[1])
+        self.faults[phase].append(b[2] - a[2])
+
+    def median(self, phase: str) -> float:
+        return statistics.median(self.times[phase])
+
+    def total(self, old: bool = False) -> float:
+        opt = "optimizer_old" if old else "optimizer"
+        steps = zip(*(self.times[p] for p in (*PHASES[:3], opt)), strict=True)
+        return statistics.median(sum(s) for s in steps)
+
+
+def profile_step(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cand.step(ids, mask, Usage("wall"), record=False)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(DEFAULT_GGUF), help="dense model: HF dir or GGUF file")
+    p.add_argument("--tiny", action="store_true", help="a random 4-layer LLaMA (hidden 128) instead")
+    p.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process user+sys time")
+    p.add_argument("--baseline", action="store_true", help="the old AdamW loop updates the parameters")
+    p.add_argument("--profile", type=int, default=0, help="print a torch.profiler table of N rows per model")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from moe_app.core.upcycling import UpcycleConfig, upcycle
+
+    dense = load_dense(args)
+    moe = upcycle(
+        copy.deepcopy(dense), UpcycleConfig(method="copy", num_experts=args.experts, top_k=args.top_k)
+    )
+    cands = [Candidate("dense", dense, args, False), Candidate("moe", moe, args, True)]
+    cfg = dense.config
+    flop_ratio = macs_per_token(cfg, args.seq, args.experts, args.top_k) / macs_per_token(
+        cfg, args.seq, None, 1
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen)
+    mask = torch.ones_like(ids)
+    usage = Usage(args.clock)
+    for i in range(args.warmup + args.repeats):
+        for c in cands:
+            c.step(ids, mask, usage, record=i >= args.warmup)
+
+    d, m = cands
+    n_params = {c.name: sum(p.numel() for p in c.params) for c in cands}
+    print(
+        f"{'tiny random LLaMA' if args.tiny else args.model} ({cfg.num_hidden_layers} layers): dense vs copy-upcycled E={args.experts} "
+        f"top-{args.top_k}, batch {args.batch} x {args.seq} tokens, fp32, {args.clock} clock, median of "
+        f"{args.repeats} (warm-up {args.warmup}), interleaved\n"
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, CPU: {cpu_model()}; params dense "
+        f"{n_params['dense'] / 1e6:.1f}M, moe {n_params['moe'] / 1e6:.1f}M; AdamW new={m.new_kernel} "
+        f"old=torch default (loop); parameters updated by {'old' if args.baseline else 'new'}"
+    )
+    print(f"{'phase':<15}{'dense s':>9}{'moe s':>9}{'moe/dense':>11}{'moe sys s':>11}{'moe faults':>12}")
+    for ph in (*PHASES, "optimizer_old"):
+        sys_s = statistics.median(m.sys[ph])
+        flt = statistics.median(m.faults[ph])
+        print(
+            f"{ph:<15}{d.median(ph):>9.3f}{m.median(ph):>9.3f}{m.median(ph) / d.median(ph):>10.2f}x"
+            f"{sys_s:>11.3f}{flt:>12.0f}"
+        )
+    new_ratio, old_ratio = m.total() / d.total(), m.total(old=True) / d.total(old=True)
+    print(f"{'total new':<15}{d.total():>9.3f}{m.total():>9.3f}{new_ratio:>10.2f}x")
+    print(f"{'total old':<15}{d.total(old=True):>9.3f}{m.total(old=True):>9.3f}{old_ratio:>10.2f}x")
+    print(
+        f"FLOP ratio (shapes) {flop_ratio:.3f}; time ratio new {new_ratio:.2f}x -> time/FLOP "
+        f"{new_ratio / flop_ratio:.2f} (target <= 1.25); old {old_ratio:.2f}x -> {old_ratio / flop_ratio:.2f}"
+    )
+    print(f"peak RSS {peak_rss_mb():.0f} MB")
+    for c in cands[: 0 if not args.profile else 2]:
+        print(f"--- torch.profiler, one {c.name} step (wall time) ---")
+        print(profile_step(c, ids, mask, args.profile))
+    result = {
+        "config": vars(args),
+        "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "flop_ratio": flop_ratio,
+        "time_ratio_new": new_ratio,
+        "time_ratio_old": old_ratio,
+        "median_s": {c.name: {ph: c.median(ph) for ph in c.times} for c in cands},
+        "times_s": {c.name: c.times for c in cands},
+        "minor_faults": {c.name: c.faults for c in cands},
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
