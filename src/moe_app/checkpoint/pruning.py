@@ -32,6 +32,7 @@ from moe_app.core.models.views import model_kind, moe_layer_views
 from moe_app.core.pruning.calibration import CalibrationConfig, calibration_batches, eval_loss
 from moe_app.core.pruning.experts import ExpertPruneConfig, check_prunable, prune_experts
 from moe_app.core.pruning.skipping import apply_skipping, calibrate_skipping, skip_rates
+from moe_app.core.pruning.slim import SlimConfig, check_slimmable, slim_experts
 from moe_app.core.spec import spec_of, utc_now
 from moe_app.errors import ConfigError, UnsupportedModelError
 
@@ -50,6 +51,11 @@ class PruneJob:
     """MoE sublayers to drop (highest ``cos(h, h + MoE(LN h))`` first)."""
     skipping: bool = False
     """Calibrate and store dynamic-skipping betas (moe-app checkpoints only)."""
+    slim: SlimConfig | None = None
+    """Expert slimming (wanda / sparsegpt / 2:4 inside every expert), after the drops, before skipping."""
+    quantize: str | None = None
+    """``nf4`` / ``int8``: bitsandbytes weight-only quantisation of the expert linears, at write time
+    (stock HF checkpoints with nn.Linear experts only; see :mod:`moe_app.checkpoint.quantized`)."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     """Calibration data."""
     eval_before_after: bool = True
@@ -58,9 +64,11 @@ class PruneJob:
     def __post_init__(self) -> None:
         if self.block_drop < 0 or self.layer_drop < 0:
             raise ConfigError("--block_drop and --layer_drop must be >= 0", fix="pass a count such as 1")
-        if self.experts is None and not (self.block_drop or self.layer_drop or self.skipping):
+        if self.experts is None and not (
+            self.block_drop or self.layer_drop or self.skipping or self.slim or self.quantize
+        ):
             raise ConfigError(
-                "nothing to do: no --keep, --skipping, --layer_drop or --block_drop given",
+                "nothing to do: no --keep, --skipping, --layer_drop, --block_drop, --slim or --quantize given",
                 fix="pass e.g. --keep 4 --method enumerate",
             )
 
@@ -91,6 +99,13 @@ def validate_job(model: nn.Module, job: PruneJob, where: str) -> str:
             where=where,
             fix="run without --skipping, or merge the experts first (merge_pesc) and prune the merged model",
         )
+
+    if job.slim is not None:
+        check_slimmable(model, where, job.slim)
+    if job.quantize:
+        from moe_app.checkpoint.quantized import check_quantizable
+
+        check_quantizable(model, kind, job.quantize, where)
 
     n_layers = len(find_decoder_layers(model)[1])
     if job.block_drop >= n_layers:
@@ -142,6 +157,8 @@ def run_job(model: nn.Module, batches: list[dict[str, Any]], job: PruneJob) -> d
         logger.info(
             "layer drop: %s MoE sublayers %s (cos %s)", how, drop, [round(scores[i], 4) for i in drop]
         )
+    if job.slim is not None:
+        report["slim"] = slim_experts(model, batches, job.slim).to_dict()
     if job.skipping:
         betas = calibrate_skipping(model, batches)
         apply_skipping(model, betas)
@@ -197,9 +214,20 @@ def write_pruned(
 
 
 def prune_checkpoint(
-    ckpt: str | Path, out: str | Path, job: PruneJob, overwrite: bool = False
+    ckpt: str | Path,
+    out: str | Path,
+    job: PruneJob,
+    overwrite: bool = False,
+    *,
+    streaming: str = "auto",
+    memory_budget: int | str | None = None,
 ) -> dict[str, Any]:
-    """``moe-app prune``: read ``ckpt``, apply ``job``, write ``out`` (same kind); return the report."""
+    """``moe-app prune``: read ``ckpt``, apply ``job``, write ``out`` (same kind); return the report.
+
+    ``streaming``: ``auto`` prunes one decoder layer at a time (:mod:`moe_app.checkpoint.prune_streaming`)
+    when the checkpoint is larger than ``memory_budget`` (default: half the available memory) and the
+    job allows it, ``on`` always does (refusing what it cannot do), ``off`` loads the whole model.
+    """
     import moe_app
 
     src, out = Path(ckpt).expanduser(), Path(out).expanduser()
@@ -210,6 +238,10 @@ def prune_checkpoint(
         )
     if out.resolve() == src.resolve():
         raise ConfigError("--out is the checkpoint dir", where="--out", fix="write to a new directory")
+    from moe_app.checkpoint.prune_streaming import prune_checkpoint_streaming, use_streaming
+
+    if use_streaming(src, job, streaming, memory_budget):
+        return prune_checkpoint_streaming(src, out, job, overwrite, memory_budget=memory_budget)
     tokenizer = load_tokenizer(src, required=True)
     model = moe_app.load_model(src)
     kind = validate_job(model, job, str(src))
@@ -221,11 +253,25 @@ def prune_checkpoint(
         "block_drop": job.block_drop,
         "layer_drop": job.layer_drop,
         "skipping": job.skipping,
+        "slim": asdict(job.slim) if job.slim is not None else None,
+        "quantize": job.quantize,
         "calibration": asdict(job.calibration),
         "eval_loss_before": report.get("eval_loss_before"),
         "eval_loss_after": report.get("eval_loss_after"),
     }
-    write_pruned(model, out, kind=kind, source_dir=src, stage_config=config)
+    if job.quantize:  # last: a storage format, written through transformers' own bitsandbytes loader
+        from moe_app.checkpoint.quantized import write_quantized
+
+        qmodel = write_quantized(
+            model,
+            out,
+            job.quantize,
+            lambda d: write_pruned(model, d, kind=kind, source_dir=src, stage_config=config),
+        )
+        if job.eval_before_after:
+            report["eval_loss_quantized"] = eval_loss(qmodel, batches)
+    else:
+        write_pruned(model, out, kind=kind, source_dir=src, stage_config=config)
     report["out"] = str(out)
     report["kind"] = kind
     return report

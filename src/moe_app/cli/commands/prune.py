@@ -14,7 +14,26 @@ output (average linkage, ``--merge_distance``) into ``--keep`` groups and merges
 routing-frequency-weighted average of its weights and router rows (``--merge_router``); ``--keep``
 may then be below top_k (top_k is lowered).
 
-Steps run in this order: expert pruning (``--keep``), block drop, layer drop, skipping calibration.
+Expert slimming (He et al. 2024, arXiv 2406.02500): ``--slim wanda|sparsegpt --sparsity S`` zeroes the
+fraction ``S`` of every routed expert's weight rows from the activations each expert receives on the
+calibration data (Wanda, arXiv 2306.11695; SparseGPT, arXiv 2301.00774); ``--slim 2:4`` keeps 2 of
+every 4 (Wanda scores). ``--quantize nf4|int8`` writes the expert linears in bitsandbytes format with
+transformers' ``quantization_config`` (stock checkpoints whose experts are nn.Linear, e.g. Qwen2-MoE's
+shared expert; fused 3-D experts -- Mixtral, Qwen3-MoE, OLMoE, moe-app -- are refused: transformers
+5.24 cannot load them quantised). Example::
+
+    moe-app prune --ckpt M --out O --keep 4 --layer_drop 1 --slim wanda --sparsity 0.5
+
+Checkpoints larger than ``--memory_budget`` (default: half the available memory) are pruned one
+decoder layer at a time (``--streaming auto``; ``on`` forces it, ``off`` loads the whole model):
+layer-wise or progressive expert pruning by any method and skipping calibration, with the same
+result as in memory (``checkpoint/prune_streaming.py``). Block/layer drop, global expert drop,
+``--slim`` and ``--quantize`` need the whole model: ``auto`` prunes those in memory, ``on`` refuses.
+
+Steps run in this order: expert pruning (``--keep``), block drop, layer drop, expert slimming
+(``--slim``), skipping calibration, quantisation (``--quantize``, at write time). Coarse to fine: whole
+units go first so slimming calibrates only the surviving experts on the inputs the smaller model
+produces; skipping betas are measured on the final float model; quantisation is a storage format.
 ``--data`` is ``builtin`` (the built-in suite), ``builtin:<domain>`` or a local
 jsonl/json/parquet/csv file or directory; the tokenizer comes from ``--ckpt``. Bad input (a dense
 checkpoint, ``--keep`` >= E or < top_k, ``--skipping`` on a stock HF checkpoint, empty data) exits
@@ -36,6 +55,10 @@ from moe_app.core.pruning.calibration import CalibrationConfig
 from moe_app.core.pruning.enumerate import FALLBACKS, EnumerationConfig
 from moe_app.core.pruning.experts import PRUNE_METHODS
 from moe_app.core.pruning.merge import MERGE_DISTANCES, MERGE_ROUTERS
+from moe_app.core.pruning.slim import SLIM_METHODS
+
+# = moe_app.checkpoint.quantized.QUANT_SCHEMES (not imported here: the parser stays light)
+QUANT_SCHEMES = ("nf4", "int8")
 
 HELP = OFFLINE_COMMANDS["prune"]
 
@@ -74,6 +97,12 @@ class PruneOptions:
     """``--method merge``: merged router row, frequency-weighted ``average`` or the ``dominant`` member's."""
     skipping: bool = False
     """Calibrate dynamic skipping (moe-app checkpoints only)."""
+    slim: Literal[SLIM_METHODS] | None = None  # type: ignore[valid-type]
+    """Expert slimming: ``wanda`` / ``sparsegpt`` (with ``--sparsity``) or ``2:4`` inside every expert."""
+    sparsity: float | None = None
+    """``--slim wanda|sparsegpt``: fraction of each expert weight row zeroed, 0 < S < 1."""
+    quantize: Literal[QUANT_SCHEMES] | None = None  # type: ignore[valid-type]
+    """bitsandbytes ``nf4`` / ``int8`` of the expert linears (stock checkpoints with nn.Linear experts)."""
     layer_drop: int = 0
     """MoE sublayers to drop (He et al.)."""
     block_drop: int = 0
@@ -84,12 +113,29 @@ class PruneOptions:
     """Report the calibration loss before and after (``--no_eval`` skips it)."""
     overwrite: bool = False
     """Replace ``--out`` if it exists."""
+    streaming: Literal["auto", "on", "off"] = "auto"
+    """Prune one decoder layer at a time: ``auto`` when the checkpoint exceeds ``--memory_budget``."""
+    memory_budget: str | None = None
+    """Memory for ``--streaming auto`` (e.g. ``8GB``); default: half of the available memory."""
     report: str | None = None
     """Also write the JSON report to this file."""
 
 
 def build_parser(parser: ArgumentParser) -> None:
     add_options(parser, PruneOptions)
+
+
+def _slim_config(args: PruneOptions):
+    from moe_app.core.pruning.slim import SlimConfig
+    from moe_app.errors import ConfigError
+
+    if args.slim is None:
+        if args.sparsity is not None:
+            raise ConfigError(
+                "--sparsity without --slim", where="--sparsity", fix="add --slim wanda (or sparsegpt)"
+            )
+        return None
+    return SlimConfig(method=args.slim, sparsity=args.sparsity)
 
 
 def run(cfg: Namespace) -> int:
@@ -118,6 +164,8 @@ def run(cfg: Namespace) -> int:
         block_drop=args.block_drop,
         layer_drop=args.layer_drop,
         skipping=args.skipping,
+        slim=_slim_config(args),
+        quantize=args.quantize,
         calibration=CalibrationConfig(
             data=args.data,
             num_samples=args.calib_samples,
@@ -127,13 +175,25 @@ def run(cfg: Namespace) -> int:
         ),
         eval_before_after=args.eval,
     )
-    report = prune_checkpoint(args.ckpt, args.out, job, overwrite=args.overwrite)
+    report = prune_checkpoint(
+        args.ckpt,
+        args.out,
+        job,
+        overwrite=args.overwrite,
+        streaming=args.streaming,
+        memory_budget=args.memory_budget,
+    )
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=2)
-    line = f"[moe-app] pruned {args.ckpt} -> {report['out']} ({report['kind']} checkpoint)"
+    mode = report.get("mode", "in-memory")
+    line = f"[moe-app] pruned {args.ckpt} -> {report['out']} ({report['kind']} checkpoint, {mode})"
     if "eval_loss_before" in report:
         line += f"; calibration loss {report['eval_loss_before']:.4f} -> {report['eval_loss_after']:.4f}"
+    if "slim" in report:
+        line += f"; expert sparsity {report['slim']['expert_sparsity']:.3f} ({report['slim']['method']})"
+    if "eval_loss_quantized" in report:
+        line += f"; quantised loss {report['eval_loss_quantized']:.4f}"
     if "skipping" in report:
         line += f"; skip rate {report['skipping']['skip_rate']['all']:.3f}"
     print(line)

@@ -230,40 +230,47 @@ def prune_experts(model: nn.Module, batches: Sequence[Any], cfg: ExpertPruneConf
             xs, zs = io[lay]
             if cfg.progressive and results:
                 xs = capture_block_inputs(model, view.module, batches)  # through the pruned layers
-            r = counts[lay]
-            where = f"layer {lay}"
-            clusters = None
-            if cfg.method == "merge":
-                num_e = view.num_experts
-                kept, clusters = merge_layer(view, xs, r, cfg.merge)
-                # the merged layer with all its experts: the same loss as the other methods report
-                loss = reconstruction_loss(view, xs, zs, range(view.num_experts))
-                how, evaluated = f"merge ({cfg.merge.distance}, router {cfg.merge.router})", 1
-                results.append(LayerPruneResult(lay, num_e, kept, loss, how, evaluated, clusters))
-                logger.info(
-                    "%s: merged %d experts into clusters %s (%s, loss %.6g)",
-                    where,
-                    num_e,
-                    clusters,
-                    how,
-                    loss,
-                )
-                continue
-            if cfg.method == "enumerate":
-                choice = search_layer(view, xs, zs, r, cfg.enumeration, where=where)
-                kept, loss, how, evaluated = choice.kept, choice.loss, choice.how, choice.evaluated
-            else:
-                kept = top_experts(saliency_scores(view, xs, cfg.method), r)
-                loss, how, evaluated = reconstruction_loss(view, xs, zs, kept), cfg.method, 1
-            results.append(LayerPruneResult(lay, view.num_experts, kept, loss, how, evaluated))
-            logger.info("%s: kept experts %s of %d (%s, loss %.6g)", where, kept, view.num_experts, how, loss)
-            view.keep(kept)
+            results.append(prune_layer(lay, view, xs, zs, counts[lay], cfg))
         sync_expert_count(model)
     finally:
         model.train(was_training)
     report = PruneReport(cfg.method, cfg.keep, cfg.progressive, cfg.scope, num_tokens(batches), results)
-    _record(model, report, cfg)
+    record_pruning(model, report, cfg)
     return report
+
+
+@torch.no_grad()
+def prune_layer(
+    lay: int, view: MoeLayerView, xs: Sequence[Tensor], zs: Sequence[Tensor], r: int, cfg: ExpertPruneConfig
+) -> LayerPruneResult:
+    """Choose ``r`` experts of one layer on its calibration activations and apply it in place.
+
+    The per-layer step of Lu et al.'s layer-by-layer pruning: ``xs`` are the block inputs (through
+    the layers already pruned when progressive), ``zs`` the original block outputs, one ``(T_b, d)``
+    tensor per batch. Shared by :func:`prune_experts` (whole model in memory) and the layer-streamed
+    pruning of checkpoints larger than memory, so both choose the same experts.
+    """
+    where = f"layer {lay}"
+    if cfg.method == "merge":
+        num_e = view.num_experts
+        kept, clusters = merge_layer(view, xs, r, cfg.merge)
+        # the merged layer with all its experts: the same loss as the other methods report
+        loss = reconstruction_loss(view, xs, zs, range(view.num_experts))
+        how = f"merge ({cfg.merge.distance}, router {cfg.merge.router})"
+        logger.info(
+            "%s: merged %d experts into clusters %s (%s, loss %.6g)", where, num_e, clusters, how, loss
+        )
+        return LayerPruneResult(lay, num_e, kept, loss, how, 1, clusters)
+    if cfg.method == "enumerate":
+        choice = search_layer(view, xs, zs, r, cfg.enumeration, where=where)
+        kept, loss, how, evaluated = choice.kept, choice.loss, choice.how, choice.evaluated
+    else:
+        kept = top_experts(saliency_scores(view, xs, cfg.method), r)
+        loss, how, evaluated = reconstruction_loss(view, xs, zs, kept), cfg.method, 1
+    result = LayerPruneResult(lay, view.num_experts, kept, loss, how, evaluated)
+    logger.info("%s: kept experts %s of %d (%s, loss %.6g)", where, kept, view.num_experts, how, loss)
+    view.keep(kept)
+    return result
 
 
 def _keep_counts(views: list[tuple[int, MoeLayerView]], io: dict, cfg: ExpertPruneConfig) -> dict[int, int]:
@@ -282,7 +289,7 @@ def model_kind_of_views(views: list[tuple[int, MoeLayerView]]) -> str:
     return "hf" if all(v.kind == "hf" for _, v in views) else "moe-app"
 
 
-def _record(model: nn.Module, report: PruneReport, cfg: ExpertPruneConfig) -> None:
+def record_pruning(model: nn.Module, report: PruneReport, cfg: ExpertPruneConfig) -> None:
     """Record the pruning in the moe-app spec (``pruning.experts``, appended to its history)."""
     spec = spec_of(model)
     if spec is None:
@@ -320,6 +327,8 @@ __all__ = [
     "check_prunable",
     "keep_experts",
     "prune_experts",
+    "prune_layer",
     "reconstruction_loss",
+    "record_pruning",
     "sync_expert_count",
 ]
