@@ -1,12 +1,14 @@
-"""Claim: streaming `moe-app upcycle` needs about one shard of memory, not the whole model.
+"""Claim: streaming `moe-app upcycle` and `moe-app export` need about one decoder layer of memory.
 
 Generates a multi-shard dense LLaMA checkpoint with random weights (a few hundred MB), then converts
-it to an MoE checkpoint twice, each time in a fresh subprocess: (a) streaming, shard by shard
+it to an MoE checkpoint twice, each time in a fresh subprocess: (a) streaming, layer by layer
 (``upcycle_checkpoint_streaming``), and (b) in memory (``load_hf_causal_lm`` + ``upcycle`` +
-``save_moe_checkpoint``). Each child reports its peak RSS (``ru_maxrss``) and its RSS after imports
-(torch + transformers), so the conversion's own footprint is ``peak - baseline``. Printed: sizes,
-peaks, and the ratios of the streaming footprint to the largest input shard and to the in-memory
-footprint (same run, same machine).
+``save_moe_checkpoint``); then exports that MoE checkpoint to a stock Mixtral twice: (c) streaming
+(``export_checkpoint``, layer by layer from memory-mapped shards) and (d) in memory
+(``export_checkpoint(..., streaming=False)``: ``load_model`` first). Each child reports its peak RSS
+(``VmHWM``, see _memory.py) and its RSS after imports (torch + transformers), so the conversion's own footprint
+is ``peak - baseline``. Printed: sizes, peaks, and the ratios of each streaming footprint to the
+largest decoder layer (of the MoE) and to the in-memory footprint (same run, same machine).
 
     python benchmarks/conversion_memory.py                      # ~330 MB fp32 source, 4 shards
     python benchmarks/conversion_memory.py --layers 8 --shard 50MB --experts 8
@@ -25,7 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_dense_source, peak_rss_mb, rss_mb
+from _common import cpu_model, make_dense_source, rss_mb
+from _memory import own_peak_mb
 
 MB = 1024**2
 
@@ -33,7 +36,9 @@ MB = 1024**2
 def child(mode: str, src: str, out: str, experts: int, top_k: int, shard: str) -> None:
     import torch  # noqa: F401  (imports are part of the baseline)
     import transformers  # noqa: F401
+    from transformers import LlamaForCausalLM, MixtralForCausalLM  # noqa: F401  (lazy modules: baseline too)
 
+    from moe_app.checkpoint.export import export_checkpoint
     from moe_app.checkpoint.hub import load_hf_causal_lm
     from moe_app.checkpoint.model_dir import save_moe_checkpoint
     from moe_app.checkpoint.streaming import upcycle_checkpoint_streaming
@@ -44,17 +49,33 @@ def child(mode: str, src: str, out: str, experts: int, top_k: int, shard: str) -
     t0 = time.perf_counter()
     if mode == "streaming":
         upcycle_checkpoint_streaming(src, out, cfg, max_shard_size=shard)
+    elif mode.startswith("export"):  # src is the MoE checkpoint
+        export_checkpoint(src, out, "mixtral", max_shard_size=shard, streaming=mode == "export-streaming")
     else:
         model = upcycle(load_hf_causal_lm(src, dtype="auto"), cfg)
         save_moe_checkpoint(model, out, max_shard_size=shard)
     print(
-        json.dumps({"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "seconds": time.perf_counter() - t0})
+        json.dumps({"baseline_mb": baseline, "peak_mb": own_peak_mb(), "seconds": time.perf_counter() - t0})
     )
 
 
 def dir_size_mb(path: Path, pattern: str = "*.safetensors") -> tuple[float, float]:
     sizes = [p.stat().st_size / MB for p in path.glob(pattern)]
     return sum(sizes), max(sizes)
+
+
+def largest_layer_mb(ckpt: Path) -> float:
+    """Bytes of the largest decoder layer (all its tensors), from the shard headers."""
+    from moe_app.checkpoint.safetensors_io import read_header
+    from moe_app.checkpoint.shards import shard_files
+
+    sizes: dict[str, int] = {}
+    for f in shard_files(ckpt):
+        for name, t in read_header(f)[0].items():
+            if name.startswith("model.layers."):
+                layer = name.split(".")[2]
+                sizes[layer] = sizes.get(layer, 0) + t.info.nbytes
+    return max(sizes.values()) / MB
 
 
 def main() -> None:
@@ -85,41 +106,53 @@ def main() -> None:
         make_dense_source(src, args.layers, args.hidden, args.ffn, args.vocab, args.shard)
         total_in, largest_in = dir_size_mb(src)
         results = {}
-        for mode in ("streaming", "in-memory"):
+        moe = work / "moe"
+        for mode in ("streaming", "in-memory", "export-streaming", "export-in-memory"):
             out = work / mode
-            cmd = [sys.executable, __file__, "--child", mode, "--src", str(src), "--out", str(out)]
+            mode_src = moe if mode.startswith("export") else src
+            cmd = [sys.executable, __file__, "--child", mode, "--src", str(mode_src), "--out", str(out)]
             cmd += ["--experts", str(args.experts), "--top_k", str(args.top_k), "--shard", args.shard]
-            env = {**os.environ, "OMP_NUM_THREADS": "2"}
+            env = {**os.environ, "OMP_NUM_THREADS": "2", "MOE_APP_PROGRESS": "0"}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
             results[mode]["out_total_mb"], results[mode]["out_largest_mb"] = dir_size_mb(out)
-            shutil.rmtree(out)
-        s, m = results["streaming"], results["in-memory"]
-        s_foot, m_foot = s["peak_mb"] - s["baseline_mb"], m["peak_mb"] - m["baseline_mb"]
+            if mode == "streaming":
+                out.rename(moe)  # the MoE checkpoint the exports read
+            else:
+                shutil.rmtree(out)
+        layer_mb = largest_layer_mb(moe)
+        foot = {m: r["peak_mb"] - r["baseline_mb"] for m, r in results.items()}
+        s = results["streaming"]
         print(
-            f"machine: {os.cpu_count()} CPUs ({sys.platform}); copy upcycling, E={args.experts}, top-{args.top_k}"
+            f"machine: {cpu_model()}, {os.cpu_count()} CPUs; copy upcycling, E={args.experts}, top-{args.top_k}"
         )
         print(f"source: {total_in:.0f} MB in shards of <= {largest_in:.0f} MB (fp32, {args.layers} layers)")
-        print(f"output: {s['out_total_mb']:.0f} MB, largest shard {s['out_largest_mb']:.0f} MB")
-        for name, r, foot in (("streaming", s, s_foot), ("in-memory", m, m_foot)):
-            print(
-                f"{name:>10}: peak RSS {r['peak_mb']:.0f} MB (after-import baseline {r['baseline_mb']:.0f} MB, "
-                f"conversion {foot:.0f} MB), {r['seconds']:.1f} s"
-            )
-        print(f"streaming conversion footprint / largest input shard: {s_foot / largest_in:.2f}x")
         print(
-            "streaming conversion footprint / (largest input shard + largest output shard): "
-            f"{s_foot / (largest_in + s['out_largest_mb']):.2f}x"
+            f"MoE: {s['out_total_mb']:.0f} MB, largest shard {s['out_largest_mb']:.0f} MB, largest layer {layer_mb:.0f} MB"
         )
-        print(f"streaming conversion footprint / in-memory footprint: {s_foot / m_foot:.2f}x")
+        for name, r in results.items():
+            print(
+                f"{name:>16}: peak RSS {r['peak_mb']:.0f} MB (after-import baseline {r['baseline_mb']:.0f} MB, "
+                f"conversion {foot[name]:.0f} MB), {r['seconds']:.1f} s"
+            )
+        print(f"streaming upcycle footprint / largest input shard: {foot['streaming'] / largest_in:.2f}x")
+        print(
+            f"streaming upcycle footprint / in-memory footprint: {foot['streaming'] / foot['in-memory']:.2f}x"
+        )
+        print(f"streaming export footprint / largest MoE layer: {foot['export-streaming'] / layer_mb:.2f}x")
+        print(
+            "streaming export footprint / in-memory export footprint: "
+            f"{foot['export-streaming'] / foot['export-in-memory']:.2f}x"
+        )
         if args.json:
             summary = {
                 "source_mb": total_in,
                 "largest_input_shard_mb": largest_in,
-                "streaming": s,
-                "in_memory": m,
-                "streaming_over_largest_in_plus_out": s_foot / (largest_in + s["out_largest_mb"]),
-                "streaming_over_in_memory": s_foot / m_foot,
+                "largest_moe_layer_mb": layer_mb,
+                **results,
+                "streaming_over_in_memory": foot["streaming"] / foot["in-memory"],
+                "export_streaming_over_in_memory": foot["export-streaming"] / foot["export-in-memory"],
+                "export_streaming_over_largest_layer": foot["export-streaming"] / layer_mb,
             }
             Path(args.json).write_text(json.dumps(summary, indent=2))
     finally:

@@ -5,9 +5,11 @@ the same stock Mixtral checkpoint two ways, each in a fresh subprocess, 3 times 
 
 * one-pass: ``upcycle_to_stock_streaming`` (dense shards -> Mixtral shards, tensor by tensor);
 * two-pass: ``upcycle_checkpoint_streaming`` (dense -> moe-app checkpoint) then ``export_checkpoint``
-  (loads that checkpoint and writes Mixtral), i.e. ``moe-app upcycle`` + ``moe-app export``.
+  (that checkpoint -> Mixtral, layer by layer from its memory-mapped shards), i.e. ``moe-app upcycle``
+  + ``moe-app export``. ``--in_memory_export`` makes the second pass load the whole model first
+  (the export before it streamed).
 
-Each child reports its conversion wall time (after imports) and its peak RSS (``ru_maxrss``) and
+Each child reports its conversion wall time (after imports) and its peak RSS (``VmHWM``: benchmarks/_memory.py) and
 after-import baseline. Printed: the medians and the ratios one-pass / two-pass.
 
     python benchmarks/upcycle_stock.py                 # ~1-2 minutes on 2 CPUs
@@ -29,12 +31,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import cpu_model, make_dense_source, peak_rss_mb, rss_mb
+from _common import cpu_model, make_dense_source, rss_mb
+from _memory import own_peak_mb
 
 MB = 1024**2
 
 
-def child(mode: str, src: str, work: str, experts: int, top_k: int, shard: str) -> None:
+def child(
+    mode: str, src: str, work: str, experts: int, top_k: int, shard: str, in_memory_export: bool = False
+) -> None:
     import torch  # noqa: F401  (imports are part of the baseline)
     import transformers  # noqa: F401
 
@@ -51,10 +56,10 @@ def child(mode: str, src: str, work: str, experts: int, top_k: int, shard: str) 
     else:
         mid = Path(work) / "moe-app-mid"
         upcycle_checkpoint_streaming(src, mid, cfg, max_shard_size=shard)
-        export_checkpoint(mid, out, "mixtral", max_shard_size=shard)
+        export_checkpoint(mid, out, "mixtral", max_shard_size=shard, streaming=not in_memory_export)
         shutil.rmtree(mid)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "seconds": seconds}))
+    print(json.dumps({"baseline_mb": baseline, "peak_mb": own_peak_mb(), "seconds": seconds}))
 
 
 def main() -> None:
@@ -67,12 +72,13 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--top_k", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--in_memory_export", action="store_true", help="two-pass: load the model to export it")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--src", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.src, args.work, args.experts, args.top_k, args.shard)
+        child(args.child, args.src, args.work, args.experts, args.top_k, args.shard, args.in_memory_export)
         return
 
     work = Path(tempfile.mkdtemp(prefix="moe-stock-bench-"))
@@ -86,6 +92,7 @@ def main() -> None:
             for mode in runs:
                 cmd = [sys.executable, __file__, "--child", mode, "--src", str(src), "--work", str(work)]
                 cmd += ["--experts", str(args.experts), "--top_k", str(args.top_k), "--shard", args.shard]
+                cmd += ["--in_memory_export"] if args.in_memory_export else []
                 env = {**os.environ, "OMP_NUM_THREADS": "2"}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
                 runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))

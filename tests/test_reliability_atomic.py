@@ -34,9 +34,19 @@ def truncating_save_file(tensors, filename, metadata=None):
     raise Killed(f"killed while writing {filename}")
 
 
+def truncating_write_at(fd, data, offset):
+    """``moe_app.checkpoint.safetensors_io.write_at`` (every shard byte goes through it) that writes
+    half the bytes, then 'dies'."""
+    import os
+
+    view = memoryview(data).cast("B")
+    os.pwrite(fd, view[: view.nbytes // 2], offset)
+    raise Killed("killed while writing a shard")
+
+
 def interrupt_weight_writes(monkeypatch) -> None:
     monkeypatch.setattr("transformers.modeling_utils.safe_save_file", truncating_save_file)
-    monkeypatch.setattr("moe_app.checkpoint.shards.save_file", truncating_save_file)
+    monkeypatch.setattr("moe_app.checkpoint.safetensors_io.write_at", truncating_write_at)
     monkeypatch.setattr("safetensors.torch.save_file", truncating_save_file)
 
 

@@ -26,7 +26,8 @@ anything else is refused with the reason (``UnsupportedModelError``). The mappin
   Noisy gating and jitter act only in training and are dropped: the eval-mode function is exact.
 
 Every tensor's shape is checked against the target architecture (instantiated on the meta device)
-before anything is written; the output directory is written atomically.
+before anything is written; the output directory is written atomically. A checkpoint dir is
+exported layer by layer without loading the model (``export_streaming.py``, same mappings).
 """
 
 from __future__ import annotations
@@ -535,13 +536,35 @@ def export_checkpoint(
     tokenizer: Any = None,
     tokenizer_dir: str | Path | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    streaming: bool = True,
 ) -> ExportResult:
-    """Write ``src`` (a moe-app checkpoint dir or an upcycled model) as a stock HF MoE checkpoint."""
+    """Write ``src`` (a moe-app checkpoint dir or an upcycled model) as a stock HF MoE checkpoint.
+
+    A checkpoint dir is exported layer by layer from its memory-mapped shards (peak memory about one
+    decoder layer: :mod:`moe_app.checkpoint.export_streaming`) unless ``streaming=False`` or it holds
+    PESC adapters, which are merged (or refused) on the live model; a live model is exported as it is.
+    """
     src_dir = None
     if isinstance(src, nn.Module):
         model = src
     else:
         src_dir = Path(src)
+        if streaming:
+            # Imported here: the streaming exporter is built on this module's mappings.
+            from moe_app.checkpoint.export_streaming import (
+                export_checkpoint_streaming,
+                streaming_export_reason,
+            )
+
+            if streaming_export_reason(src_dir) is None:
+                return export_checkpoint_streaming(
+                    src_dir,
+                    out_dir,
+                    format,
+                    tokenizer=tokenizer,
+                    tokenizer_dir=tokenizer_dir,
+                    max_shard_size=max_shard_size,
+                )
         model = load_model(src_dir)
     model = _merge_lora_experts_if_any(model)
     fmt = choose_format(model, format)

@@ -2,13 +2,15 @@
 
 For the data-free methods (copy, noise, drop, partition with sequential/random/clustering split)
 each layer's experts depend only on that layer's dense MLP, so the whole model never needs to be
-in memory: tensors are read one at a time with ``safe_open`` (memory-mapped), a layer's
-``gate/up/down_proj`` are held until all three have been seen, the layer's MoE tensors are built
-with the same functions as in-memory surgery (``surgery.mlp_moe_tensors``, order-independent
-seeds) and handed to a ``ShardWriter`` that flushes bounded shards. Peak memory is about one
-output shard plus one layer's experts plus the tensors being read, instead of the whole model
-(see benchmarks/conversion_memory.py). The output equals ``upcycle`` + ``save_moe_checkpoint``
-key for key and value for value (tests/test_upcycling_streaming.py).
+in memory: the shard headers are read first (no tensor), tensors that pass through unchanged are
+copied byte for byte from file to file (never loaded), a layer's ``gate/up/down_proj`` are
+memory-mapped (``safe_open``) once all three have been seen, the layer's MoE tensors are built with
+the same functions as in-memory surgery (``surgery.mlp_moe_tensors``, order-independent seeds) and
+handed to a ``ShardWriter``, which writes each tensor to disk as it arrives. Peak memory is about
+one layer's dense MLP plus its experts, whatever the model or shard size (see
+benchmarks/conversion_memory.py). The output equals ``upcycle`` + ``save_moe_checkpoint`` key for
+key and value for value (tests/test_upcycling_streaming.py). The per-layer loop shows a progress
+bar on a terminal (``core.utils.progress``).
 
 The structure (layer paths, key names, expected output keys) comes from the model class built on
 the ``meta`` device, so architectures whose on-disk names differ from their module names
@@ -20,8 +22,10 @@ Qwen2-MoE, Qwen3-MoE) as its output instead of a moe-app one: each layer's exper
 ``export.stock_mlp_tensors`` (the in-memory export's own mapping) on their way to the shard
 writer, and the config is ``export.stock_config`` of the dense config and the planned layer shapes.
 Whether the format can express the construction is decided from metadata alone
-(:func:`check_stock_upcycle`), before any tensor is read; the output equals ``upcycle`` +
-``moe-app export`` tensor for tensor (tests/test_upcycle_stock_format.py).
+(:func:`check_stock_upcycle`), before any tensor is read; every output tensor's name, dtype and
+shape is then known, so the shard writer is given the whole plan and fills preallocated shards in
+place. The output equals ``upcycle`` + ``moe-app export`` tensor for tensor
+(tests/test_upcycle_stock_format.py); benchmarks/mergekit_compare.py compares it with mergekit-moe.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from moe_app.checkpoint.export import (
@@ -48,6 +52,7 @@ from moe_app.checkpoint.export import (
 from moe_app.checkpoint.hub import check_local_model_dir
 from moe_app.checkpoint.model_dir import unique_state_dict, write_model_dir
 from moe_app.checkpoint.pretrained import read_lineage
+from moe_app.checkpoint.safetensors_io import StoredTensor, TensorInfo, read_header
 from moe_app.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, checkpoint_dtype, shard_files
 from moe_app.checkpoint.spec_file import write_spec
 from moe_app.core.models.layers import dense_mlp_parts, find_decoder_layers
@@ -55,6 +60,7 @@ from moe_app.core.spec import LayerSpec, MoeSpec
 from moe_app.core.upcycling.config import UpcycleConfig
 from moe_app.core.upcycling.skeleton import apply_structure, describe_structure
 from moe_app.core.upcycling.surgery import MlpMoeTensors, check_mlp_shape, mlp_moe_tensors, mlp_spec_for
+from moe_app.core.utils.progress import progress
 from moe_app.errors import CheckpointError, ConfigError, UnsupportedModelError
 
 STOCK_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe")
@@ -86,6 +92,7 @@ class _Plan:
     layers: list[nn.Module]
     selected: list[int]
     keys_by_shard: dict[Path, list[str]]
+    stored: dict[str, StoredTensor]  # every input tensor: where its bytes are (from the headers)
 
 
 def upcycle_checkpoint_streaming(
@@ -145,9 +152,11 @@ def _plan(src_dir: str | Path, cfg: UpcycleConfig, trust_remote_code: bool) -> _
         gate, _, _ = dense_mlp_parts(layers[i], f"{path}.{i}")
         check_mlp_shape(cfg, gate.weight.shape[0], f"{path}.{i}.mlp")
     keys_by_shard: dict[Path, list[str]] = {}
+    stored: dict[str, StoredTensor] = {}
     for f in shard_files(src):
-        with safe_open(str(f), framework="pt") as h:
-            keys_by_shard[f] = list(h.keys())
+        tensors, _ = read_header(f)
+        keys_by_shard[f] = list(tensors)
+        stored.update(tensors)
     on_disk = {k for keys in keys_by_shard.values() for k in keys}
     dense_keys = set(unique_state_dict(meta))
     if on_disk != dense_keys:
@@ -156,11 +165,55 @@ def _plan(src_dir: str | Path, cfg: UpcycleConfig, trust_remote_code: bool) -> _
             f"on-disk keys differ from {type(meta).__name__}'s parameter names (e.g. {diff})",
             fix="use in-memory surgery (transformers converts these keys on load)",
         )
-    return _Plan(src, config, meta, path, list(layers), list(selected), keys_by_shard)
+    return _Plan(src, config, meta, path, list(layers), list(selected), keys_by_shard, stored)
 
 
 LayerOut = Callable[[int, Tensor, Tensor, Tensor], dict[str, Tensor]]
 """``(layer, W_gate, W_up, W_down) -> {name: tensor}``: what one collected dense MLP becomes."""
+
+
+def load_stored(t: StoredTensor) -> Tensor:
+    """One tensor read through a short-lived memory map: its pages are released once the tensor is
+    dropped, so the input side costs what the caller holds, not one shard of resident memory."""
+    try:
+        with safe_open(str(t.path), framework="pt") as h:
+            return h.get_tensor(t.info.name)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"cannot read tensor {t.info.name!r} from {t.path.name} ({e})",
+            where=str(t.path),
+            fix="the input checkpoint is incomplete or was changed while in use: restore it and run again",
+        ) from e
+
+
+WorkItem = tuple[str, int | None, list[str]]
+"""``("copy", None, [key])``: an input tensor written unchanged; ``("layer", i, [gate, up, down])``:
+layer ``i``'s dense MLP, due once its three weights have been seen (in input order)."""
+
+
+def _work_items(plan: _Plan, collect: set[int]) -> list[WorkItem]:
+    """The conversion as a list of steps, in input order (what the progress bar counts)."""
+    mlp_re = re.compile(rf"^{re.escape(plan.path)}\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+    items: list[WorkItem] = []
+    pending: dict[int, dict[str, str]] = {}
+    for keys in plan.keys_by_shard.values():
+        for k in keys:
+            m = mlp_re.match(k)
+            if m and int(m.group(1)) in collect:
+                i = int(m.group(1))
+                pending.setdefault(i, {})[m.group(2)] = k
+                if len(pending[i]) == 3:
+                    p = pending.pop(i)
+                    items.append(("layer", i, [p["gate_proj"], p["up_proj"], p["down_proj"]]))
+            else:
+                items.append(("copy", None, [k]))
+    if pending:
+        raise CheckpointError(
+            f"layers {sorted(pending)} miss MLP weights in the checkpoint",
+            where=str(plan.src),
+            fix="the checkpoint is incomplete; re-download or re-save it",
+        )
+    return items
 
 
 def _stream_tensors(
@@ -171,11 +224,16 @@ def _stream_tensors(
     collect: set[int] | None = None,
     layer_out: LayerOut | None = None,
     layer_nbytes: Callable[[int, Tensor], int] | None = None,
+    layer_infos: Callable[[int, TensorInfo], list[TensorInfo]] | None = None,
+    desc: str = "upcycle",
 ) -> set[str]:
     """Copy every tensor to ``writer``; the MLP of a layer in ``collect`` (default: the selected
     ones) becomes ``layer_out(i, gate, up, down)`` (default: its moe-app experts) once its three
-    weights have been read. Returns the names written."""
-    mlp_re = re.compile(rf"^{re.escape(plan.path)}\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+    weights have been read. Returns the names written.
+
+    Tensors written unchanged are copied byte for byte from the input file (never loaded). With
+    ``layer_infos(i, gate_info)`` (the output tensors of layer ``i``, from metadata) the writer is
+    given the whole output plan first, so shards are preallocated and filled in place."""
     collect = set(plan.selected) if collect is None else collect
     if layer_out is None:
 
@@ -187,40 +245,29 @@ def _stream_tensors(
         def layer_nbytes(i: int, g: Tensor) -> int:
             return _moe_nbytes(cfg, g)
 
-    pending: dict[int, dict[str, Tensor]] = {}
-    written: set[str] = set()
-
-    def emit(name: str, t: Tensor) -> None:
-        writer.add(name, t)
-        written.add(name)
-
-    for f, keys in plan.keys_by_shard.items():
-        for k in keys:
-            # One short-lived mapping per tensor: the pages read are released right away, so
-            # the input side costs about one tensor, not one shard, of resident memory.
-            with safe_open(str(f), framework="pt") as h:
-                tensor = h.get_tensor(k)
-            m = mlp_re.match(k)
-            if m and int(m.group(1)) in collect:
-                i = int(m.group(1))
-                pending.setdefault(i, {})[m.group(2)] = tensor
-                if len(pending[i]) == 3:
-                    p = pending.pop(i)
-                    writer.reserve(layer_nbytes(i, p["gate_proj"]))
-                    out = layer_out(i, p["gate_proj"], p["up_proj"], p["down_proj"])
-                    del p
-                    for name, t in out.items():
-                        emit(name, t)
-                    del out
+    items = _work_items(plan, collect)
+    if layer_infos is not None:
+        infos: list[TensorInfo] = []
+        for kind, i, keys in items:
+            if kind == "copy":
+                infos.append(plan.stored[keys[0]].info)
             else:
-                emit(k, tensor)
-            del tensor
-    if pending:
-        raise CheckpointError(
-            f"layers {sorted(pending)} miss MLP weights in the checkpoint",
-            where=str(plan.src),
-            fix="the checkpoint is incomplete; re-download or re-save it",
-        )
+                infos.extend(layer_infos(i, plan.stored[keys[0]].info))
+        writer.plan(infos)
+    written: set[str] = set()
+    for kind, i, keys in progress(items, desc, total=len(items), unit="step"):
+        if kind == "copy":
+            writer.copy(keys[0], plan.stored[keys[0]])
+            written.add(keys[0])
+            continue
+        g, u, d = (load_stored(plan.stored[k]) for k in keys)
+        writer.reserve(layer_nbytes(i, g))
+        out = layer_out(i, g, u, d)
+        del g, u, d
+        for name in list(out):
+            writer.add(name, out.pop(name))  # dropped as soon as written
+            written.add(name)
+        del out
     return written
 
 
@@ -386,6 +433,10 @@ def upcycle_to_stock_streaming(
                 collect=set(range(len(plan.layers))),
                 layer_out=layer_out,
                 layer_nbytes=layer_nbytes,
+                layer_infos=lambda i, gate: [
+                    TensorInfo.of(k, v) for k, v in _stock_layer_meta(plan, a, fmt, i, gate.dtype).items()
+                ],
+                desc=f"upcycle -> {fmt}",
             )
         ),
         generation_config=GenerationConfig.from_pretrained(str(plan.src)) if has_generation else None,
@@ -403,31 +454,32 @@ def _stock_shapes(plan: _Plan, a: _Analysis, fmt: str, dtype: torch.dtype) -> di
     for k, v in unique_state_dict(plan.meta).items():
         if not mlp_keys.match(k):
             out[k] = tuple(v.shape)
-    meta = torch.device("meta")
-    for i, layer in enumerate(plan.layers):
-        f, d = layer.mlp.gate_proj.weight.shape
-        if i in a.moe:
-            s = a.moe[i]
-            e, fe, fs = s.num_experts, s.expert_f, s.shared_f
-            shared = None
-            if fs:
-                shared = tuple(
-                    torch.empty(shape, dtype=dtype, device=meta) for shape in ((fs, d), (fs, d), (d, fs))
-                )
-            tensors = stock_mlp_tensors(
-                fmt,
-                i,
-                a,
-                router=torch.empty(e, d, dtype=dtype, device=meta),
-                gate_up=torch.empty(e, 2 * fe, d, dtype=dtype, device=meta),
-                down=torch.empty(e, d, fe, dtype=dtype, device=meta),
-                shared=shared,
-            )
-        else:
-            dense = tuple(torch.empty(shape, dtype=dtype, device=meta) for shape in ((f, d), (f, d), (d, f)))
-            tensors = stock_mlp_tensors(fmt, i, a, dense=dense)
-        out.update({k: tuple(v.shape) for k, v in tensors.items()})
+    for i in range(len(plan.layers)):
+        out.update({k: tuple(v.shape) for k, v in _stock_layer_meta(plan, a, fmt, i, dtype).items()})
     return out
+
+
+def _stock_layer_meta(plan: _Plan, a: _Analysis, fmt: str, i: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Layer ``i``'s stock MLP tensors on the ``meta`` device (names, shapes, dtypes; no data)."""
+    meta = torch.device("meta")
+    f, d = plan.layers[i].mlp.gate_proj.weight.shape
+    if i not in a.moe:
+        dense = tuple(torch.empty(shape, dtype=dtype, device=meta) for shape in ((f, d), (f, d), (d, f)))
+        return stock_mlp_tensors(fmt, i, a, dense=dense)
+    s = a.moe[i]
+    e, fe, fs = s.num_experts, s.expert_f, s.shared_f
+    shared = None
+    if fs:
+        shared = tuple(torch.empty(shape, dtype=dtype, device=meta) for shape in ((fs, d), (fs, d), (d, fs)))
+    return stock_mlp_tensors(
+        fmt,
+        i,
+        a,
+        router=torch.empty(e, d, dtype=dtype, device=meta),
+        gate_up=torch.empty(e, 2 * fe, d, dtype=dtype, device=meta),
+        down=torch.empty(e, d, fe, dtype=dtype, device=meta),
+        shared=shared,
+    )
 
 
 def _check_written(plan: _Plan, expected: set[str], written: set[str]) -> None:

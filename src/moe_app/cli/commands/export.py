@@ -4,7 +4,10 @@ The result loads with stock ``transformers.AutoModelForCausalLM.from_pretrained`
 moe-app's logits; where the model is not exactly representable in the asked format the command
 refuses with the reason (exit code 2) and writes nothing. See ``moe_app.checkpoint.export``.
 A PESC ``variant: lora`` checkpoint (``moe-app upcycle --method pesc_lora``) is merged into full
-experts first, exactly.
+experts first, exactly (in memory); every other checkpoint is converted layer by layer from its
+memory-mapped shards (``moe_app.checkpoint.export_streaming``: peak memory about one decoder layer).
+A failure part-way (a full disk, an input shard that vanishes) is a one-line error (exit code 2)
+that leaves nothing at ``--out`` and keeps a previous ``--out`` intact.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from moe_app.checkpoint.export import FORMATS
 from moe_app.checkpoint.spec_file import read_spec
 from moe_app.cli.commands import OFFLINE_COMMANDS
 from moe_app.cli.commands._options import add_options, build
-from moe_app.errors import ConfigError
+from moe_app.errors import CheckpointError, ConfigError
 
 HELP = OFFLINE_COMMANDS["export"]
 
@@ -61,6 +64,13 @@ def run(cfg: Namespace) -> int:
         )
     if out.resolve() == src.resolve():
         raise ConfigError("--out is the checkpoint dir", where="--out", fix="write to a new directory")
-    result = export_checkpoint(src, out, opts.format, max_shard_size=opts.max_shard_size)
+    try:
+        result = export_checkpoint(src, out, opts.format, max_shard_size=opts.max_shard_size)
+    except OSError as e:  # config / tokenizer files, fsync, rename: the output is rolled back
+        raise CheckpointError(
+            f"writing the export failed ({e.strerror or e})",
+            where=str(out),
+            fix="free disk space or pick another --out, then run again (nothing partial was kept)",
+        ) from e
     print(f"[moe-app] exported {src} -> {result.path} as {result.format}")
     return 0
