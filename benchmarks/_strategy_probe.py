@@ -1,4 +1,7 @@
-"""Callback used by ``benchmarks/strategies.py``: what one rank spent and stored while training."""
+"""Used by ``benchmarks/strategies.py`` and ``benchmarks/fsdp_memory.py``: what one rank spent and
+stored while training (a callback), and MoE modules trained with plain SGD (no optimiser state),
+so that a model too big for two AdamW replicas on one host can still be compared across strategies.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+
+from moe_app.lightning.modules.moe import MoeLMModule
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -30,6 +35,10 @@ class StrategyProbe(L.Callback):
         self._t0 = 0.0
         self.grad_bytes = 0
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # the peak so far is the loading peak: model built (and sharded), optimiser made
+        self.load_peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._t0 = time.perf_counter()
 
@@ -48,6 +57,23 @@ class StrategyProbe(L.Callback):
             "grad_bytes": self.grad_bytes,
             "optimizer_bytes": _bytes(state),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "load_peak_rss_mb": getattr(self, "load_peak_rss_mb", None),
         }
         out = Path(trainer.default_root_dir) / f"strategy_rank{trainer.global_rank}.json"
         out.write_text(json.dumps(record))
+
+
+class SgdMoeLMModule(MoeLMModule):
+    """``MoeLMModule`` with SGD without momentum (no optimiser state) at a constant learning rate."""
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, lr=self.optim.lr, momentum=0.0)
+
+
+class EagerSgdMoeLMModule(SgdMoeLMModule):
+    """The same, with the loading FSDP had before sharded loading: every rank builds and upcycles
+    the whole model, then shards it (a ``build_model`` override is not ``rebuildable``)."""
+
+    def build_model(self) -> torch.nn.Module:
+        return super().build_model()

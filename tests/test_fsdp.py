@@ -4,10 +4,13 @@ FSDP and DDP both average the gradients of the two ranks' batches, so from the s
 they must reach the same weights (up to float summation order). On top of that each rank must
 really hold only its shard during training, the saved model directory must be the full model
 (gathered, not rank 0's shard), and a resume from a mid-run FSDP checkpoint must be bitwise.
+Loading is sharded too: only rank 0 loads (and upcycles, layer by layer), rank 1's model is on the
+meta device until the strategy fills its shards, and the fit equals the old every-rank-loads path.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,13 +19,46 @@ import torch
 from distributed_helpers import check_ranks, fit_two_processes, load_safetensors, probes, test_two_processes
 
 FSDP = "fsdp"  # the bare name resolves to moe_app.lightning.strategies.fsdp.DecoderLayerFSDPStrategy
+PROBED = ("--model.class_path", "tests.fsdp_probe.ProbedMoeLMModule")  # MoeLMModule + what each rank built
+EAGER = ("--model.class_path", "tests.fsdp_probe.EagerMoeLMModule")  # every rank builds the whole model
 
 
 @pytest.fixture(scope="module")
 def fsdp_upcycle_run(suite_dense_dir: Path, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fsdp-upcycle")
-    fit_two_processes("upcycle", FSDP, root, suite_dense_dir)
+    fit_two_processes("upcycle", FSDP, root, suite_dense_dir, *PROBED)
     return root
+
+
+def _built(root: Path) -> list[dict]:
+    return [json.loads((root / f"built_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_fsdp_loads_on_rank0_only_and_trains_like_every_rank_loading(
+    fsdp_upcycle_run: Path, suite_dense_dir: Path, tmp_path: Path
+):
+    eager_root = tmp_path / "eager"
+    fit_two_processes("upcycle", FSDP, eager_root, suite_dense_dir, *EAGER)
+    new, eager = _built(fsdp_upcycle_run), _built(eager_root)
+    # before: every rank loaded the dense model and held the whole upcycled model before sharding
+    assert [b["base_loads"] for b in eager] == [1, 1]
+    full_bytes = eager[0]["real_param_bytes"]
+    assert full_bytes > 0 and eager[1]["real_param_bytes"] == full_bytes
+    # now: no rank loads the dense model whole (rank 0 reads and upcycles it one layer at a time
+    # while the shards fill); the model the strategy receives has no parameter storage on any
+    # rank, and the same shapes on both
+    assert [b["base_loads"] for b in new] == [0, 0]
+    assert [b["real_param_bytes"] for b in new] == [0, 0]
+    assert [b["meta_param_bytes"] for b in new] == [full_bytes, full_bytes]
+    # and it trains exactly as before: the same losses on each rank, the same saved weights
+    for a, b in zip(new, eager, strict=True):
+        assert len(a["losses"]) == 4
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-6)
+    saved, before = load_safetensors(fsdp_upcycle_run / "model"), load_safetensors(eager_root / "model")
+    assert saved.keys() == before.keys()
+    for name in saved:
+        torch.testing.assert_close(saved[name], before[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def _assert_same_model(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -236,3 +272,33 @@ def test_fsdp_gathers_a_tied_embedding_model_into_the_same_checkpoint_as_ddp(tmp
     reference = load_model(plain)
     ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_other_ranks_rebuild_rank0s_upcycled_model_on_meta_from_its_config_and_spec():
+    # What rank 1 gets under sharded loading: the structure rank 0 broadcasts as JSON, rebuilt with
+    # no parameter storage; names, shapes, dtypes, trainability and module types must all match.
+    from conftest import tiny_llama_config
+    from moe_app.core.upcycling import upcycle
+    from moe_app.core.upcycling.config import UpcycleConfig
+    from moe_app.core.utils.weights import meta_copy
+    from moe_app.errors import MoeAppError
+    from moe_app.lightning.strategies.fsdp import _structure, rebuild_on_meta
+    from upcycling_helpers import build
+
+    cfg = UpcycleConfig(method="copy", num_experts=4, top_k=2, attention_moe=True, layers=[1], jitter=0.1)
+    model = upcycle(build(tiny_llama_config()), cfg)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".experts." in name)
+    structure = json.loads(json.dumps(_structure(meta_copy(model))))
+    rebuilt = rebuild_on_meta(structure)
+    mine, theirs = dict(rebuilt.named_parameters()), dict(model.named_parameters())
+    assert list(mine) == list(theirs)
+    for name, p in mine.items():
+        q = theirs[name]
+        assert p.is_meta and (p.shape, p.dtype, p.requires_grad) == (q.shape, q.dtype, q.requires_grad), name
+    assert {n: type(m) for n, m in rebuilt.named_modules()} == {n: type(m) for n, m in model.named_modules()}
+    assert rebuilt.model.layers[1].mlp.router.jitter == pytest.approx(0.1)
+    # a model the config and spec do not describe is refused with a clear error, not mis-sharded
+    structure["params"][0][1] = [1, 1]
+    with pytest.raises(MoeAppError, match="cannot be rebuilt from its config and MoE spec"):
+        rebuild_on_meta(structure)

@@ -322,18 +322,22 @@ def _operate(model: nn.Module, cfg: UpcycleConfig, plan: _Plan, stats: _Calibrat
         layer = plan.layers[i]
         if cfg.builds_mlp_moe:
             gate, up, down = plan.parts[i]
-            with torch.no_grad():
-                t = mlp_moe_tensors(
-                    cfg,
-                    i,
-                    gate.weight.detach(),
-                    up.weight.detach(),
-                    down.weight.detach(),
-                    importance=stats.importance.get(i),
-                    centroids=stats.centroids.get(i),
-                )
-            block = build_mlp_moe(t.spec, hidden, act, gate.weight.dtype, gate.weight.device)
-            block.load_state_dict(t.state_dict(""), strict=True, assign=True)
+            if gate.weight.is_meta:  # structure only: layerwise.py fills the weights one layer at a time
+                spec = mlp_spec_for(cfg, gate.weight.shape[0])
+                block = build_mlp_moe(spec, hidden, act, gate.weight.dtype, "meta")
+            else:
+                with torch.no_grad():
+                    t = mlp_moe_tensors(
+                        cfg,
+                        i,
+                        gate.weight.detach(),
+                        up.weight.detach(),
+                        down.weight.detach(),
+                        importance=stats.importance.get(i),
+                        centroids=stats.centroids.get(i),
+                    )
+                block = build_mlp_moe(t.spec, hidden, act, gate.weight.dtype, gate.weight.device)
+                block.load_state_dict(t.state_dict(""), strict=True, assign=True)
             block.train(layer.training)
             layer.mlp = block
         if cfg.attention_moe:

@@ -35,9 +35,18 @@ from moe_app.errors import ConfigError, MoeAppError
 from moe_app.lightning.modules.evaluation import EvaluationMixin
 from moe_app.lightning.modules.optim import OptimConfig, build_optimizer
 from moe_app.lightning.protocols import NonFiniteLossHandler
-from moe_app.lightning.strategies.fsdp import unsharded_model
+from moe_app.lightning.strategies.fsdp import DecoderLayerFSDPStrategy, unsharded_model
 
 log = logging.getLogger("moe_app.lightning.modules")
+
+
+def rebuildable(build_model):
+    """Mark a ``build_model`` whose result the other ranks can rebuild from its config and MoE
+    spec alone, so that under FSDP only rank 0 builds it (:meth:`CausalLMModule.configure_model`).
+    A subclass that overrides ``build_model`` without this mark keeps the old path (every rank
+    builds the whole model, then shards it)."""
+    build_model.rebuildable = True
+    return build_model
 
 
 @dataclass
@@ -192,9 +201,22 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
                 fix="point it at a directory with tokenizer files, or use 'builtin'",
             ) from exc
 
+    @rebuildable
     def build_model(self) -> torch.nn.Module:
         """Return the model to train. Subclasses wrap this (e.g. apply MoE surgery)."""
         return self.load_base_model()
+
+    def build_weight_source(self):
+        """Rank 0's :class:`~moe_app.core.utils.weights.WeightSource` for sharded loading: by
+        default the whole ``build_model()``; a subclass can serve its weights piece by piece."""
+        from moe_app.core.utils.weights import ModuleWeights
+
+        return ModuleWeights(self.build_model())
+
+    def _sharded_strategy(self) -> DecoderLayerFSDPStrategy | None:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        rebuild = getattr(type(self).build_model, "rebuildable", False)
+        return strategy if isinstance(strategy, DecoderLayerFSDPStrategy) and rebuild else None
 
     def load_base_model(self) -> torch.nn.Module:
         src = self.source
@@ -232,7 +254,11 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
         # Idempotent: Lightning may call it more than once (e.g. fit then test in one process).
         if self.model is not None:
             return
-        model = self.build_model()
+        fsdp = self._sharded_strategy()
+        if fsdp is not None:  # rank 0 builds, the others get the structure on meta; setup fills shards
+            model = fsdp.sharded_model(self.build_weight_source, self.source.trust_remote_code)
+        else:
+            model = self.build_model()
         if self.source.activation_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ConfigError(

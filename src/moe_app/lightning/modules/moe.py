@@ -30,7 +30,7 @@ from moe_app.core.moe.losses import RouterLossConfig, weighted_router_losses
 from moe_app.core.moe.stats import expert_load
 from moe_app.core.upcycling.config import UpcycleConfig
 from moe_app.errors import ConfigError
-from moe_app.lightning.modules.lm import CausalLMModule, ModelSource
+from moe_app.lightning.modules.lm import CausalLMModule, ModelSource, rebuildable
 
 
 @dataclass
@@ -82,9 +82,38 @@ class MoeLMModule(CausalLMModule):
         )
 
     # ------------------------------------------------------------------ model
+    @rebuildable
     def build_model(self) -> torch.nn.Module:
 
         model = self.load_base_model()
+        self._check_source(model)
+        if self.upcycle_cfg is not None:
+            from moe_app.core.upcycling import upcycle
+
+            calibration = self._calibration_batches() if self.upcycle_cfg.needs_calibration else None
+            model = upcycle(model, self.upcycle_cfg, calibration=calibration)
+        self._apply_freezing(model)
+        return model
+
+    def build_weight_source(self):
+        """Under FSDP, rank 0 upcycles the dense model one decoder layer at a time while the shards
+        fill, so no rank holds the whole upcycled model (``LayerwiseUpcycle``)."""
+        if self.upcycle_cfg is None or type(self).build_model is not MoeLMModule.build_model:
+            return super().build_weight_source()
+        from moe_app.checkpoint.lazy_dense import lazy_dense_model
+        from moe_app.core.upcycling.layerwise import LayerwiseUpcycle
+
+        src, lazy = self.source, None
+        if src.pretrained is not None and not self.upcycle_cfg.needs_calibration:
+            lazy = lazy_dense_model(src.pretrained, src.torch_dtype, src.trust_remote_code)
+        model, fetch = lazy if lazy is not None else (self.load_base_model(), None)  # dense read per layer
+        self._check_source(model)
+        calibration = self._calibration_batches() if self.upcycle_cfg.needs_calibration else None
+        source = LayerwiseUpcycle(model, self.upcycle_cfg, calibration=calibration, fetch=fetch)
+        self._apply_freezing(source.skeleton)
+        return source
+
+    def _check_source(self, model: torch.nn.Module) -> None:
         already_moe = any(True for _ in find_moe_blocks(model))
         if self.upcycle_cfg is not None:
             if already_moe:
@@ -95,10 +124,6 @@ class MoeLMModule(CausalLMModule):
                     fix="set --model.init_args.upcycle null to continue training the MoE, or start from a "
                     "dense checkpoint",
                 )
-            from moe_app.core.upcycling import upcycle
-
-            calibration = self._calibration_batches() if self.upcycle_cfg.needs_calibration else None
-            model = upcycle(model, self.upcycle_cfg, calibration=calibration)
         elif not already_moe:
             raise ConfigError(
                 f"model.source.pretrained={self.source.pretrained!r} is a dense model and no upcycle section "
@@ -106,8 +131,6 @@ class MoeLMModule(CausalLMModule):
                 where="model.upcycle",
                 fix="add an upcycle section (see configs/tiny/upcycle.yaml) or run `moe-app upcycle` first",
             )
-        self._apply_freezing(model)
-        return model
 
     def _calibration_batches(self, n: int = 8) -> list[dict[str, Tensor]]:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

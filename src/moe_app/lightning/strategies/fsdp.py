@@ -15,6 +15,16 @@ Why FSDP2 rather than Lightning's ``FSDPStrategy`` (FSDP1):
 * It runs on CPU with the gloo backend, so CI trains a real 2-process sharded fit and checks the
   saved model against DDP; FSDP1 refuses any non-accelerator device.
 
+No process builds the full model only to shard it (ZeRO-3's point, Rajbhandari et al. 2020): a
+module whose model can be rebuilt from its config and MoE spec (:meth:`sharded_model`) has rank 0
+produce a :class:`~moe_app.core.utils.weights.WeightSource` (the loaded model, or for on-the-fly
+upcycling the dense model upcycled one decoder layer at a time), the other ranks build the same
+structure on the ``meta`` device from rank 0's config and spec, every rank shards its meta model,
+allocates only its shards, and rank 0 scatters the real weights one FSDP unit (decoder layer) at
+a time. Rank 0's peak is its shards plus one upcycled layer (plus the dense model where it cannot
+be read layer by layer, e.g. a GGUF file or calibration-based upcycling); the other ranks hold
+their shards plus one tensor in flight.
+
 The saved model directory must be an ordinary full checkpoint, not rank 0's shard. Before sharding,
 the strategy keeps a *skeleton* of the model whose parameters live on the ``meta`` device (no
 memory); :meth:`DecoderLayerFSDPStrategy.unsharded_model` gathers the full state dict (a
@@ -25,6 +35,8 @@ runs unchanged on that plain model.
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,8 +44,11 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from moe_app.core.spec import MoeSpec, spec_of
 from moe_app.core.utils.dtypes import DTYPES
-from moe_app.errors import ConfigError
+from moe_app.core.utils.progress import progress
+from moe_app.core.utils.weights import WeightSource, meta_copy
+from moe_app.errors import ConfigError, MoeAppError
 
 
 def decoder_layer_classes(module: nn.Module) -> set[type[nn.Module]]:
@@ -63,17 +78,59 @@ def check_shardable(model: nn.Module) -> None:
 
 
 def meta_skeleton(model: nn.Module) -> nn.Module:
-    """A copy of ``model``'s structure whose parameters are on ``meta`` (no storage is copied).
+    """A copy of ``model``'s structure whose parameters are on ``meta`` (no storage is copied);
+    buffers are copied for real (see :func:`moe_app.core.utils.weights.meta_copy`)."""
+    return meta_copy(model)
 
-    Parameters are pre-seeded into ``deepcopy``'s memo, so tied parameters stay tied and the copy
-    costs only the Python objects. Buffers are copied for real: they are small (rotary tables,
-    routing statistics) and FSDP does not shard them.
-    """
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        if id(p) not in memo:
-            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    return copy.deepcopy(model, memo)
+
+def _structure(model: nn.Module) -> dict[str, Any]:
+    """What the other ranks need to rebuild ``model`` on meta: config, MoE spec, and every
+    parameter's name, shape, dtype and trainability (JSON types only: it is broadcast)."""
+    gen = getattr(model, "generation_config", None)
+    spec = spec_of(model)
+    return {
+        "config": model.config.to_dict(),
+        "generation": gen.to_dict() if gen is not None else None,
+        "spec": spec.to_dict() if spec is not None else None,
+        "params": [
+            [n, list(p.shape), str(p.dtype).removeprefix("torch."), p.requires_grad]
+            for n, p in model.named_parameters()
+        ],
+    }
+
+
+def rebuild_on_meta(structure: dict[str, Any], trust_remote_code: bool = False) -> nn.Module:
+    """The model :func:`_structure` describes, parameters on ``meta``, checked name by name."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from moe_app.checkpoint.model_dir import build_empty_model
+
+    cfg = dict(structure["config"])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    spec = MoeSpec.from_dict(structure["spec"]) if structure["spec"] is not None else None
+    params = structure["params"]
+    dtypes = [getattr(torch, d) for _, _, d, _ in params]
+    with torch.device("meta"):
+        model = build_empty_model(config, spec, max(set(dtypes), key=dtypes.count), trust_remote_code)
+    if structure["generation"] is not None:
+        model.generation_config = GenerationConfig.from_dict(structure["generation"])
+    mine = dict(model.named_parameters())
+    if list(mine) != [n for n, *_ in params] or any(list(mine[n].shape) != shape for n, shape, *_ in params):
+        theirs = {n: shape for n, shape, *_ in params}
+        diff = sorted(
+            n for n in mine.keys() | theirs.keys() if list(getattr(mine.get(n), "shape", [])) != theirs.get(n)
+        )
+        raise MoeAppError(
+            f"rank 0's model cannot be rebuilt from its config and MoE spec (differs in {diff[:4]})",
+            where="trainer.strategy",
+            fix="please report this; meanwhile train this model with --trainer.strategy ddp",
+        )
+    for (name, _, _, trainable), dtype in zip(params, dtypes, strict=True):
+        p = mine[name]
+        if p.dtype != dtype:
+            p.data = torch.empty_like(p, dtype=dtype)
+        p.requires_grad_(trainable)
+    return model
 
 
 def _tie(model: nn.Module) -> None:
@@ -122,6 +179,7 @@ class DecoderLayerFSDPStrategy(ModelParallelStrategy):
         self.param_dtype = param_dtype
         self.reduce_dtype = reduce_dtype
         self._skeleton: nn.Module | None = None
+        self._source: WeightSource | None = None  # rank 0's weights for a model built on meta
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
@@ -140,6 +198,15 @@ class DecoderLayerFSDPStrategy(ModelParallelStrategy):
         if not isinstance(model, FSDPModule):
             check_shardable(model)
             self._skeleton = meta_skeleton(model)
+            on_meta = any(p.is_meta for p in model.parameters())
+            if on_meta and self._source is None and self.global_rank == 0:
+                raise RuntimeError("the model is on the meta device but was not built by sharded_model()")
+            rank0_buffers = on_meta and self.global_rank == 0  # to_empty() wipes them
+            buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if rank0_buffers else {}
+            if any(b.is_meta for b in buffers.values()):
+                raise RuntimeError(
+                    "rank 0's weight source has buffers on meta: build it with params_on_meta()"
+                )
             mesh = self.device_mesh["data_parallel"]
             policy = MixedPrecisionPolicy(
                 param_dtype=DTYPES.get(self.param_dtype or ""),
@@ -156,7 +223,74 @@ class DecoderLayerFSDPStrategy(ModelParallelStrategy):
                 if classes and isinstance(sub, classes):
                     fully_shard(sub, **kwargs)
             fully_shard(model, **kwargs)
+            if on_meta:
+                self._fill_shards(model, classes, buffers)
         super().setup(trainer)
+
+    # ------------------------------------------------------------------ loading into shards
+    def sharded_model(
+        self, make_source: Callable[[], WeightSource], trust_remote_code: bool = False
+    ) -> nn.Module:
+        """The model to train, with its parameters on ``meta`` on every rank; ``setup`` fills the
+        shards from the :class:`WeightSource` that ``make_source`` builds on rank 0 only.
+
+        A collective, called from ``configure_model``: rank 0 broadcasts the config, MoE spec and
+        parameter list of ``make_source().skeleton`` and the other ranks rebuild it on meta
+        (:func:`rebuild_on_meta`). An error on rank 0 is re-raised on every rank.
+        """
+        payload: str | None = None
+        if self.global_rank == 0:
+            try:
+                self._source = make_source()
+                payload = json.dumps(_structure(self._source.skeleton), default=str)
+            except BaseException:
+                self.broadcast(None)  # release the other ranks before raising
+                raise
+        payload = self.broadcast(payload)
+        if payload is None:
+            raise MoeAppError(
+                "building the model failed on rank 0 (see its error above)", where="configure_model"
+            )
+        if self.global_rank == 0:
+            return self._source.skeleton
+        return rebuild_on_meta(json.loads(payload), trust_remote_code)
+
+    @torch.no_grad()
+    def _fill_shards(
+        self, model: nn.Module, classes: tuple[type, ...], buffers: dict[str, torch.Tensor]
+    ) -> None:
+        """Allocate this rank's shards and fill them from rank 0's source, one FSDP unit at a time.
+
+        Rank 0 materialises one unit (a decoder layer) in full, the others at most one tensor's
+        worth of scatter buffers at a time; every rank keeps its ``1 / world_size`` slice. Buffers
+        (rotary tables) are not sharded: rank 0's are broadcast.
+        """
+        from torch.distributed.tensor import distribute_tensor
+
+        rank0 = self.global_rank == 0
+        source = self._source
+        self._source = None
+        model.to_empty(device=self.root_device)
+        params = dict(model.named_parameters())
+        prefixes = [f"{n}." for n, m in model.named_modules() if classes and isinstance(m, classes)]
+        groups = [[n for n in params if n.startswith(p)] for p in prefixes]
+        in_layers = {n for g in groups for n in g}
+        groups.append([n for n in params if n not in in_layers])
+        for names in progress(groups, desc="fsdp: loading shards", total=len(groups), unit="unit"):
+            full = source.tensors(names) if rank0 else {}
+            for name in names:
+                p = params[name]
+                if rank0:
+                    t = full.pop(name).to(self.root_device, p.dtype).contiguous()
+                else:
+                    t = torch.empty(p.shape, dtype=p.dtype, device=self.root_device)
+                shard = distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=0)
+                p.to_local().copy_(shard.to_local())
+                del t, shard
+        for name, b in model.named_buffers():
+            if rank0:
+                b.copy_(buffers[name])
+            torch.distributed.broadcast(b, src=0)
 
     def unsharded_model(self) -> nn.Module | None:
         """A new plain module with the trained full weights on rank 0 (``None`` on other ranks).
@@ -226,5 +360,6 @@ __all__ = [
     "check_shardable",
     "decoder_layer_classes",
     "meta_skeleton",
+    "rebuild_on_meta",
     "unsharded_model",
 ]
