@@ -178,3 +178,25 @@ def test_cli_export_refusal_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "hf").exists()
     rc = main(["export", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "hf")])
     assert rc == 2
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_training_only_router_noise_is_dropped_with_a_note(tmp_path, caplog, streaming):
+    """Noisy gating and jitter act only in training: the export leaves them out, says so, and the
+    stock model's (eval) logits equal moe-app's."""
+    import logging
+
+    dense = build(tiny_llama_config(num_hidden_layers=2))
+    cfg = UpcycleConfig(method="copy", num_experts=4, top_k=2, noisy_gating=True, jitter=0.01)
+    moe = upcycled(dense, cfg)
+    with torch.no_grad():  # a trained noise projection: non-zero, yet irrelevant in eval mode
+        for layer in moe.model.layers:
+            layer.mlp.router.noise_weight.normal_()
+    save_moe_checkpoint(moe, tmp_path / "ckpt")
+    src = tmp_path / "ckpt" if streaming else moe_app.load_model(tmp_path / "ckpt")
+    with caplog.at_level(logging.INFO, logger="moe_app.checkpoint.export"):
+        export_checkpoint(src, tmp_path / "hf", "mixtral")
+    notes = [r.getMessage() for r in caplog.records if "act only in training" in r.getMessage()]
+    assert len(notes) == 2 and "noisy gating and jitter 0.01" in notes[0]
+    ids = tokens()
+    assert_close(logits(_stock(tmp_path / "hf"), ids), logits(moe.eval(), ids), **TOL)

@@ -32,6 +32,7 @@ exported layer by layer without loading the model (``export_streaming.py``, same
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ from moe_app.core.moe.pesc import LoraExpertsMoeBlock
 from moe_app.core.moe.router import TopKRouter
 from moe_app.core.spec import spec_of
 from moe_app.errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
 KNOWN_BASES = ("llama", "mistral", "qwen2", "qwen3")
@@ -108,6 +111,13 @@ class _Analysis:
     expert_f: int = 0
     shared_f: int = 0
     dense_f: set[int] = field(default_factory=set)
+    training_only: list[str] = field(default_factory=list)  # router parts the eval function ignores
+
+
+def log_dropped_training_parts(a: _Analysis) -> None:
+    """Say what the export leaves out because it acts only in training (the eval function is exact)."""
+    for note in a.training_only:
+        logger.info("export: %s", note)
 
 
 def _analyse(model: nn.Module) -> _Analysis:
@@ -136,6 +146,13 @@ def _analyse(model: nn.Module) -> _Analysis:
             if not isinstance(mlp.experts, SwiGLUExperts) or not isinstance(mlp.router, TopKRouter):
                 a.common.append(f"layer {i}'s MoE uses custom experts/router ({type(mlp.experts).__name__})")
                 continue
+            noisy, jitter = mlp.router.noise_weight is not None, float(mlp.router.jitter)
+            if noisy or jitter:
+                parts = ["noisy gating" if noisy else "", f"jitter {jitter:g}" if jitter else ""]
+                a.training_only.append(
+                    f"layer {i}: {' and '.join(p for p in parts if p)} act only in training and are not "
+                    "exported (stock routers have neither); the exported eval-mode logits are exact"
+                )
             if mlp.router.skip_beta is not None:
                 a.common.append(
                     f"layer {i} uses dynamic expert skipping (beta={mlp.router.skip_beta:.3g}), "
@@ -569,6 +586,7 @@ def export_checkpoint(
     model = _merge_lora_experts_if_any(model)
     fmt = choose_format(model, format)
     a = _analyse(model)
+    log_dropped_training_parts(a)
     cfg = target_config(model, fmt)
     mlp_prefixes = {f"model.layers.{i}.mlp.": i for i in (*a.moe, *a.dense)}
     state = unique_state_dict(model)

@@ -41,6 +41,7 @@ from moe_app.checkpoint.export import (
     _layer_tensors,
     check_against_target,
     choose_format,
+    log_dropped_training_parts,
     target_config,
 )
 from moe_app.checkpoint.hub import check_local_model_dir
@@ -148,6 +149,7 @@ def export_checkpoint_streaming(
         meta = build_empty_model(config, spec, dtype)
     fmt = choose_format(meta, format)
     a = _analyse(meta)
+    log_dropped_training_parts(a)
     cfg = target_config(meta, fmt)
     path, layers = find_decoder_layers(meta)
 
