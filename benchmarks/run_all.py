@@ -40,9 +40,24 @@ def machine() -> dict[str, str]:
     return info
 
 
+# Run by hand, with the commands in the README: they need the real SmolLM2 (and mergekit), several GB
+# of memory or disk under the shared memory lock, or tens of minutes; they take no --quick/--json.
+BY_HAND = {
+    "fsdp_memory",
+    "mergekit_compare",
+    "moe_train_step",
+    "prune_streamed",
+    "real_init_ppl",
+    "real_prune_compare",
+    "upcycle_stock",
+}
+
+
 def scripts(only: list[str] | None) -> list[Path]:
     found = sorted(
-        p for p in HERE.glob("*.py") if p.name != Path(__file__).name and not p.name.startswith("_")
+        p
+        for p in HERE.glob("*.py")
+        if p.name != Path(__file__).name and not p.name.startswith("_") and (only or p.stem not in BY_HAND)
     )
     if only:
         found = [p for p in found if p.stem in only]
