@@ -114,6 +114,32 @@ def test_gguf_loads_as_the_same_float_model(tiny_gguf):
     assert load_hf_causal_lm(path, dtype="bf16").dtype == torch.bfloat16
 
 
+def test_gguf_model_saves_as_a_plain_float_checkpoint(tiny_gguf, tmp_path):
+    """The dequantised model forgets the GGUF quantizer: ``save_pretrained`` works (LoRA merges save
+    this way) and no config.json written afterwards claims a ``gguf`` quantization."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from moe_app.checkpoint.hub import load_hf_causal_lm
+
+    path, dense = tiny_gguf
+    model = load_hf_causal_lm(path)
+    assert not model.is_quantized and not hasattr(model.config, "quantization_config")
+    model.save_pretrained(tmp_path / "hf")
+    assert "quantization_config" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+    ids = _ids()
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        assert torch.equal(reloaded(ids).logits, dense(ids).logits)
+    out = tmp_path / "moe"
+    assert (
+        _cli("upcycle", "--model", path, "--out", out, "--method", "copy", "--num_experts", 2, "--top_k", 1)
+        == 0
+    )
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
 def test_cli_upcycle_from_gguf_writes_safetensors_equal_to_dense(tiny_gguf, tmp_path, capsys):
     import moe_app
 

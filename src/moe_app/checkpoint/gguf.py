@@ -282,7 +282,24 @@ def load_gguf_causal_lm(path: str | Path, dtype: Any = None) -> Any:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=resolved)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"transformers could not load this GGUF file ({e})", where=str(path)) from e
-    return model.eval()
+    return _as_plain_float_model(model).eval()
+
+
+def _as_plain_float_model(model: Any) -> Any:
+    """Forget the GGUF quantizer transformers attaches: the weights are ordinary dequantised floats.
+
+    Kept, it makes ``save_pretrained`` refuse ("quantized with gguf and is not serializable") and
+    writes ``quantization_config: {quant_method: gguf}`` into every config.json saved afterwards,
+    which is false of the float checkpoint moe-app writes.
+    """
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):  # an instance flag set while loading
+        model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        del model.quantization_method
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
 
 
 def load_gguf_tokenizer(path: str | Path) -> Any:
