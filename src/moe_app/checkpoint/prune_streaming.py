@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from moe_app.checkpoint.hub import check_local_model_dir, load_tokenizer
+from moe_app.checkpoint.hub import load_tokenizer
 from moe_app.checkpoint.keymaps import MIXTRAL, QWEN_MOE
 from moe_app.checkpoint.model_dir import (
     build_empty_model,
@@ -59,7 +59,7 @@ from moe_app.checkpoint.model_dir import (
 )
 from moe_app.checkpoint.pesc import is_pesc_adapter_dir
 from moe_app.checkpoint.pretrained import read_lineage, write_lineage_file
-from moe_app.checkpoint.pruning import PruneJob, validate_job
+from moe_app.checkpoint.pruning import PruneJob, checked_paths, validate_job
 from moe_app.checkpoint.shards import (
     DEFAULT_MAX_SHARD_SIZE,
     ShardWriter,
@@ -627,14 +627,7 @@ def prune_checkpoint_streaming(
     at most 5 GB); ``activation_budget`` (default: a quarter of it) is what the carried hidden states
     may take in memory before they go to a temporary directory next to ``out``.
     """
-    src, out = Path(ckpt).expanduser(), Path(out).expanduser()
-    check_local_model_dir(src)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            "output dir exists and is not empty", where=str(out), fix="pass --overwrite or a new --out"
-        )
-    if out.resolve() == src.resolve():
-        raise ConfigError("--out is the checkpoint dir", where="--out", fix="write to a new directory")
+    src, out = checked_paths(ckpt, out, overwrite)
     problems = streaming_problems(job)
     if problems:
         raise ConfigError(

@@ -213,6 +213,19 @@ def write_pruned(
     )
 
 
+def checked_paths(ckpt: str | Path, out: str | Path, overwrite: bool) -> tuple[Path, Path]:
+    """``(ckpt, out)`` as paths, once ``ckpt`` is a complete local dir and ``out`` may be written."""
+    src, out = Path(ckpt).expanduser(), Path(out).expanduser()
+    check_local_model_dir(src)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            "output dir exists and is not empty", where=str(out), fix="pass --overwrite or a new --out"
+        )
+    if out.resolve() == src.resolve():
+        raise ConfigError("--out is the checkpoint dir", where="--out", fix="write to a new directory")
+    return src, out
+
+
 def prune_checkpoint(
     ckpt: str | Path,
     out: str | Path,
@@ -230,14 +243,7 @@ def prune_checkpoint(
     """
     import moe_app
 
-    src, out = Path(ckpt).expanduser(), Path(out).expanduser()
-    check_local_model_dir(src)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(
-            "output dir exists and is not empty", where=str(out), fix="pass --overwrite or a new --out"
-        )
-    if out.resolve() == src.resolve():
-        raise ConfigError("--out is the checkpoint dir", where="--out", fix="write to a new directory")
+    src, out = checked_paths(ckpt, out, overwrite)
     from moe_app.checkpoint.prune_streaming import prune_checkpoint_streaming, use_streaming
 
     if use_streaming(src, job, streaming, memory_budget):
