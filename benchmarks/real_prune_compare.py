@@ -82,8 +82,7 @@ def main() -> int:
             rep, secs = prune(
                 args.ckpt, out, tmp / f"{method}.json", ["--keep", str(args.keep), "--method", method], args
             )
-            layers = rep["experts"]["layers"]
-            recon = sum(layer["loss"] for layer in layers)
+            recon = sum(rep["experts"]["reconstruction_loss"].values())
             rows.append(
                 (
                     f"{method} r={args.keep}",
