@@ -26,6 +26,8 @@ after warm-up, median of the repeats, ratios from the same run.
     flock /work/notes/bigmem.lock python benchmarks/moe_train_step.py --model DIR_OR_GGUF
         # default model: the SmolLM2-135M-Instruct GGUF in the moe-app cache; ~13 GB RSS
     python benchmarks/moe_train_step.py ... --clock cpu --threads 1  # steadier on a busy machine
+    python benchmarks/moe_train_step.py ... --malloc system   # glibc's defaults: the step before
+        # moe-app kept freed memory (see moe_app.core.utils.allocator)
 """
 
 from __future__ import annotations
@@ -185,9 +187,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process user+sys time")
     p.add_argument("--baseline", action="store_true", help="the old AdamW loop updates the parameters")
     p.add_argument("--profile", type=int, default=0, help="print a torch.profiler table of N rows per model")
+    p.add_argument(
+        "--malloc",
+        default="moe-app",
+        choices=["moe-app", "system"],
+        help="moe-app: keep freed heap memory as `moe-app fit` does (core/utils/allocator.py); "
+        "system: glibc's defaults (the figure before that change)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.malloc == "moe-app":
+        from moe_app.core.utils.allocator import keep_freed_memory
+
+        malloc = f"moe-app ({keep_freed_memory()})"
+    else:
+        malloc = "glibc defaults"
 
     from moe_app.core.upcycling import UpcycleConfig, upcycle
 
@@ -217,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.repeats} (warm-up {args.warmup}), interleaved\n"
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, CPU: {cpu_model()}; params dense "
         f"{n_params['dense'] / 1e6:.1f}M, moe {n_params['moe'] / 1e6:.1f}M; AdamW new={m.new_kernel} "
-        f"old=torch default (loop); parameters updated by {'old' if args.baseline else 'new'}"
+        f"old=torch default (loop); parameters updated by {'old' if args.baseline else 'new'}; "
+        f"malloc: {malloc}"
     )
     print(f"{'phase':<15}{'dense s':>9}{'moe s':>9}{'moe/dense':>11}{'moe sys s':>11}{'moe faults':>12}")
     for ph in (*PHASES, "optimizer_old"):
@@ -240,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(profile_step(c, ids, mask, args.profile))
     result = {
         "config": vars(args),
+        "malloc": malloc,
         "torch": torch.__version__,
         "cpu": cpu_model(),
         "flop_ratio": flop_ratio,
