@@ -181,3 +181,47 @@ def test_upcycle_command_keeps_the_dense_lineage_first(tiny_llama_dir: Path, tmp
     lineage = read_lineage(out)
     assert [e["stage"] for e in lineage] == ["CausalLMModule", "upcycle"]
     assert lineage[0]["time"] == dense["time"]
+
+
+# ---------------------------------------------------------------------------- stock outputs
+
+
+def test_stock_outputs_record_their_lineage(suite_dense_dir: Path, tmp_path: Path):
+    """`upcycle --format mixtral` and `export` (streaming and in memory) write stock dirs that still
+    say which stages produced them, in ``moe_app_lineage.json`` (stock transformers ignores it)."""
+    from moe_app.checkpoint.export import export_checkpoint
+    from moe_app.cli.main import main
+
+    common = ["upcycle", "--model", str(suite_dense_dir), "--method", "copy", "--num_experts", "2"]
+    common += ["--top_k", "1"]
+    assert main([*common, "--out", str(tmp_path / "one"), "--format", "mixtral"]) == 0
+    (entry,) = read_lineage(tmp_path / "one")
+    assert entry["stage"] == "upcycle" and _utc(entry)
+    assert entry["config"]["format"] == "mixtral" and entry["config"]["num_experts"] == 2
+    assert not (tmp_path / "one" / SPEC_FILE).exists()
+    pruned = tmp_path / "pruned"
+    prune = [
+        "prune",
+        "--ckpt",
+        str(tmp_path / "one"),
+        "--out",
+        str(pruned),
+        "--keep",
+        "1",
+        "--method",
+        "frequency",
+    ]
+    assert main([*prune, "--calib_samples", "4", "--max_length", "16"]) == 0
+    assert [e["stage"] for e in read_lineage(pruned)] == ["upcycle", "prune"]
+
+    mid = tmp_path / "mid"
+    assert main([*common, "--out", str(mid)]) == 0
+    before = read_lineage(mid)
+    assert before and before[0]["stage"] == "upcycle"
+    assert main(["export", "--ckpt", str(mid), "--out", str(tmp_path / "two"), "--format", "mixtral"]) == 0
+    in_memory = export_checkpoint(moe_app.load_model(mid), tmp_path / "three", "mixtral").path
+    for out in (tmp_path / "two", in_memory):
+        lineage = read_lineage(out)
+        assert lineage[:-1] == before, out
+        assert lineage[-1]["stage"] == "export" and lineage[-1]["config"] == {"format": "mixtral"}
+        assert _utc(lineage[-1]) >= _utc(before[-1])

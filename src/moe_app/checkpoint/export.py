@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from moe_app.checkpoint.keymaps import FORMAT_ARCHITECTURES, FORMAT_KEYMAPS
 from moe_app.checkpoint.model_dir import load_model, unique_state_dict, write_model_dir
+from moe_app.checkpoint.pretrained import lineage_plus, read_lineage, write_lineage_file
 from moe_app.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE
 from moe_app.core.models.dropped import DroppedMlp
 from moe_app.core.models.layers import find_decoder_layers
@@ -604,6 +605,9 @@ def export_checkpoint(
             yield k, v.detach()
 
     check_against_target(cfg, {k: tuple(v.shape) for k, v in tensors()})
+    spec = spec_of(model)
+    previous = read_lineage(src_dir) if src_dir is not None else (list(spec.lineage) if spec else [])
+    lineage = lineage_plus(previous, "export", {"format": fmt})
     out_dir = write_model_dir(
         out_dir,
         cfg,
@@ -612,5 +616,6 @@ def export_checkpoint(
         tokenizer=tokenizer,
         tokenizer_dir=tokenizer_dir if tokenizer_dir is not None else src_dir,
         max_shard_size=max_shard_size,
+        extra=lambda staging: write_lineage_file(staging, lineage),
     )
     return ExportResult(path=out_dir, format=fmt)

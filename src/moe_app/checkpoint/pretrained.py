@@ -17,10 +17,10 @@ from torch import nn
 
 from moe_app.checkpoint.hub import copy_tokenizer_files
 from moe_app.checkpoint.names import LINEAGE_FILE, PESC_META, SPEC_FILE
-from moe_app.core.spec import merge_lineage
+from moe_app.core.spec import merge_lineage, utc_now
 from moe_app.core.utils.atomic import atomic_directory
 
-__all__ = ["LINEAGE_FILE", "read_lineage", "save_pretrained_dir", "write_lineage_file"]
+__all__ = ["LINEAGE_FILE", "lineage_plus", "read_lineage", "save_pretrained_dir", "write_lineage_file"]
 
 
 def save_pretrained_dir(
@@ -76,3 +76,10 @@ def read_lineage(path: str | Path) -> list[dict[str, Any]]:
             except (ValueError, AttributeError, TypeError):
                 return []
     return []
+
+
+def lineage_plus(previous: list[dict[str, Any]], stage: str, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """``previous`` stages followed by a new ``stage`` entry stamped now (UTC): the lineage a
+    conversion writes into a stock dir it produces (``upcycle --format``, ``export``), so a stock
+    checkpoint still says where it came from."""
+    return [*previous, {"stage": stage, "time": utc_now(), "config": config, "data": None}]
