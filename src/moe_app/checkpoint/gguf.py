@@ -303,14 +303,56 @@ def _as_plain_float_model(model: Any) -> Any:
 
 
 def load_gguf_tokenizer(path: str | Path) -> Any:
-    """The tokenizer (with its chat template) stored in a GGUF file."""
-    from transformers import AutoTokenizer
+    """The tokenizer (with its chat template) stored in a GGUF file.
+
+    transformers rebuilds it from the GGUF vocabulary and merges, which takes seconds (about 8 s
+    for SmolLM2's 49k tokens on a 2-core CPU), and one pipeline stage asks for it several times
+    (model, data, export) across a dozen commands. So the first load is also written, with
+    ``save_pretrained``, to ``<cache>/gguf/tokenizers/<file>-<size>-<mtime>/`` (the same files every
+    checkpoint moe-app writes from a GGUF source carries) and later loads read that, in well under a
+    second; within one process a copy of the loaded tokenizer is returned. A cache that cannot be
+    written or read is skipped, never an error.
+    """
+    import copy
 
     check_gguf_file(path)
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _TOKENIZERS:
+        cached = cache_dir() / "gguf" / "tokenizers" / f"{Path(path).name}-{st.st_size}-{st.st_mtime_ns}"
+        _TOKENIZERS[key] = _read_cached_tokenizer(cached) or _tokenizer_from_gguf(path, cached)
+    return copy.deepcopy(_TOKENIZERS[key])
+
+
+_TOKENIZERS: dict[tuple[str, int, int], Any] = {}
+
+
+def _read_cached_tokenizer(cached: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    if not (cached / "tokenizer_config.json").is_file():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(cached))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _tokenizer_from_gguf(path: str | Path, cached: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    from moe_app.core.utils.atomic import atomic_directory
+
     folder, name = _split(path)
     try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(
             f"transformers could not read the tokenizer of this GGUF file ({e})", where=str(path)
         ) from e
+    try:
+        with atomic_directory(cached) as tmp:
+            tokenizer.save_pretrained(str(tmp))
+    except (OSError, FileExistsError):  # a read-only cache, or another process won the race
+        pass
+    return tokenizer
