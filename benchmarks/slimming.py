@@ -21,6 +21,10 @@ timing), so one run is the measurement; absolute losses depend on the short trai
     python benchmarks/slimming.py               # 4 layers, d=64, E=8 (k=2), 150 training steps
     python benchmarks/slimming.py --quick       # smoke configuration
     python benchmarks/slimming.py --json out.json
+    python benchmarks/slimming.py --source runs/real/post2/model --keep 6 --max_length 128
+        # a trained real MoE (moe-app or stock dir with its tokenizer), e.g. make demo-real's
+        # SmolLM2 8x top-2; recipes the checkpoint cannot take (nf4 on fused experts) are
+        # listed with the reason moe-app refused them; each output is deleted once measured
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -104,10 +109,14 @@ def disk_bytes(path: Path) -> int:
 
 
 def measure(path: Path, held_out) -> dict[str, float]:
-    from transformers import AutoModelForCausalLM
+    """Loss, non-zero parameters and bytes on disk of one output, loaded as users load it
+    (``moe_app.load_model``: stock transformers for stock dirs, quantised ones included)."""
+    from moe_app import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    return {"loss": eval_loss(model, held_out), "nonzero": nonzero_params(model), "disk": disk_bytes(path)}
+    model = load_model(path).eval()
+    out = {"loss": eval_loss(model, held_out), "nonzero": nonzero_params(model), "disk": disk_bytes(path)}
+    del model
+    return out
 
 
 def recipes(keep: int) -> dict[str, PruneJob | None]:
@@ -142,27 +151,40 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--train_samples", type=int, default=512)
     p.add_argument("--calib_samples", type=int, default=32)
+    p.add_argument("--source", type=str, default=None, help="a trained MoE dir with its tokenizer")
+    p.add_argument("--max_length", type=int, default=64, help="tokens per calibration / eval sequence")
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args()
     if args.quick:
         args.layers, args.steps, args.train_samples, args.calib_samples = 2, 30, 64, 16
     logging.disable(logging.WARNING)
-    from moe_app.core.data.tokenizer import suite_tokenizer
+    from moe_app.errors import MoeAppError
 
-    tok = suite_tokenizer()
+    if args.source:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.source)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    else:
+        from moe_app.core.data.tokenizer import suite_tokenizer
+
+        tok = suite_tokenizer()
     calib = CalibrationConfig(
-        data="builtin", num_samples=args.calib_samples, max_length=64, batch_size=8, seed=0
+        data="builtin", num_samples=args.calib_samples, max_length=args.max_length, batch_size=8, seed=0
     )
     # evaluation text: another seed's draw from the same pool (it may share a few examples with calibration)
     held_out = calibration_batches(
         tok,
         CalibrationConfig(
-            data="builtin", num_samples=args.calib_samples, max_length=64, batch_size=8, seed=123
+            data="builtin", num_samples=args.calib_samples, max_length=args.max_length, batch_size=8, seed=123
         ),
     )
-    rows = {}
-    with tempfile.TemporaryDirectory(prefix="moe-slim-bench-") as tmp:
-        src = build_source(args, Path(tmp) / "src", tok)
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(
+        prefix="moe-slim-bench-", dir=Path(args.source).parent if args.source else None
+    ) as tmp:
+        src = Path(args.source) if args.source else build_source(args, Path(tmp) / "src", tok)
         for name, job in recipes(args.keep).items():
             if job is None:
                 rows[name] = measure(src, held_out)
@@ -170,21 +192,29 @@ def main() -> None:
             job.calibration = calib
             job.eval_before_after = False
             out = Path(tmp) / name.replace(" ", "_").replace(":", "-").replace("+", "")
-            prune_checkpoint(src, out, job)
+            try:
+                prune_checkpoint(src, out, job)
+            except MoeAppError as exc:  # a recipe this checkpoint cannot take: say why
+                rows[name] = {"refused": str(exc).splitlines()[0]}
+                print(f"# refused: {name}: {rows[name]['refused']}", flush=True)
+                continue
             rows[name] = measure(out, held_out)
+            shutil.rmtree(out)  # a real model's outputs are GBs each: keep only the figures
             print(f"# done: {name}", flush=True)
     base = rows["none"]
-    print(
-        f"# expert slimming x trimming on a tiny Qwen2-MoE ({args.layers} layers, d={args.hidden}, E={args.experts}, k=2)"
-    )
+    what = args.source or f"a tiny Qwen2-MoE ({args.layers} layers, d={args.hidden}, E={args.experts}, k=2)"
+    print(f"# expert slimming x trimming on {what}")
     print(f"# machine: {cpu_model()}; peak RSS {peak_rss_mb():.0f} MB")
     print(
-        f"{'recipe':34s} {'loss':>8s} {'x loss':>7s} {'nonzero':>9s} {'x nz':>6s} {'disk MB':>8s} {'x disk':>7s}"
+        f"{'recipe':34s} {'loss':>8s} {'x loss':>7s} {'nonzero':>11s} {'x nz':>6s} {'disk MB':>9s} {'x disk':>7s}"
     )
     for name, r in rows.items():
+        if "refused" in r:
+            print(f"{name:34s} refused: {r['refused']}")
+            continue
         print(
-            f"{name:34s} {r['loss']:8.4f} {r['loss'] / base['loss']:7.3f} {r['nonzero']:9d} "
-            f"{r['nonzero'] / base['nonzero']:6.3f} {r['disk'] / 2**20:8.3f} {r['disk'] / base['disk']:7.3f}"
+            f"{name:34s} {r['loss']:8.4f} {r['loss'] / base['loss']:7.3f} {r['nonzero']:11d} "
+            f"{r['nonzero'] / base['nonzero']:6.3f} {r['disk'] / 2**20:9.1f} {r['disk'] / base['disk']:7.3f}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

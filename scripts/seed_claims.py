@@ -13,6 +13,7 @@ that several claims share are made once per seed:
     |     +-> instruction tuning, one run per mixing strategy (configs/tiny/mixture.yaml)  claim 3
     |           dynamic run -> prune to r experts: enumerate / frequency / reap / merge     claim 4
     |                           enumerate-pruned -> dynamic skipping calibration            claim 5
+    |                       -> slimming / trimming recipes (wanda, 2:4, layer/block drop)   claim 6
     +-> PESC (configs/tiny/pesc.yaml) vs dense LoRA (configs/tiny/lora.yaml)                claim 2
 
 The test set is fixed (the built-in suite's test split; the data seed only shuffles training
@@ -72,7 +73,7 @@ class Settings:
     test_examples: int = 30
     """Test examples per domain where exact match is generated (claims 1, 2; the demo uses 30)."""
     loss_examples: int = 100
-    """Test examples per domain for loss-only tests (claims 3-5; the suite's test split has 100)."""
+    """Test examples per domain for loss-only tests (claims 3-6; the suite's test split has 100)."""
     keep: int = 6
     """Experts kept per layer by every pruning method (of 8)."""
     calib_samples: int = 32
@@ -404,13 +405,54 @@ def claim_skipping(r: Runner, base: Path, seed: int, s: Settings) -> dict:
     }
 
 
+COMPRESSION = {
+    # He et al. 2024 (arXiv 2406.02500): expert trimming and slimming, alone and combined, applied to
+    # the seed's dynamic-mixing model in one ``moe-app prune`` command each.
+    "wanda 0.5": ["--slim", "wanda", "--sparsity", "0.5"],
+    "2:4": ["--slim", "2:4"],
+    "keep r + wanda 0.5": ["--method", "enumerate", "--slim", "wanda", "--sparsity", "0.5"],
+    "keep r + layer drop 1": ["--method", "enumerate", "--layer_drop", "1"],
+    "block drop 1": ["--block_drop", "1"],
+}
+
+
+def claim_compression(r: Runner, base: Path, seed: int, s: Settings) -> dict:
+    """Claim 6 (He et al. 2024): what each compression recipe costs in test loss, against the
+    unpruned model and expert pruning alone (``keep r``: claim 4's enumeration run)."""
+    tuned, ref = mixture_run(r, base, seed, s, "dynamic")
+    pruned = seed_dir(base, seed) / "prune-enumerate"
+    if not (pruned / "test" / "test_results.json").exists():
+        claim_pruning(r, base, seed, s)
+    keep_r = json.loads((pruned / "test" / "test_results.json").read_text())
+    rows = {"unpruned": {"loss": loss(ref), "delta": 0.0}, f"keep {s.keep}": {"loss": loss(keep_r)}}
+    for name, extra in COMPRESSION.items():
+        name = name.replace("keep r", f"keep {s.keep}")
+        if "--method" in extra:
+            extra = ["--keep", str(s.keep), *extra]
+        d = seed_dir(base, seed) / ("compress-" + name.replace(" ", "_").replace(":", "-").replace("+", ""))
+        prune(r, d, tuned, seed, s, extra)
+        res = test_only(
+            r,
+            d / "test",
+            "configs/tiny/mixture.yaml",
+            ["--model.init_args.source.pretrained", str(d / "model")],
+            seed,
+            s,
+        )
+        rows[name] = {"loss": loss(res)}
+    for row in rows.values():
+        row["delta"] = row["loss"] - loss(ref)
+    return rows
+
+
 # Run order: the cheap shared chain first, the seven mixing runs last, so a sweep cut short by
-# time still has claims 1, 2, 4 and 5 for every seed (pruning trains only the dynamic mixing run).
+# time still has claims 1, 2, 4, 5 and 6 for every seed (pruning trains only the dynamic mixing run).
 CLAIMS = (
     ("upcycling", claim_upcycling),
     ("pesc", claim_pesc),
     ("pruning", claim_pruning),
     ("skipping", claim_skipping),
+    ("compression", claim_compression),
     ("mixing", claim_mixing),
 )
 
@@ -488,13 +530,13 @@ def header(s: Settings, seeds: list[int], wall: float | None, argv: list[str]) -
         f"strategy from the upcycled MoE, dynamic update every {s.mix_update_every} steps (demo 300 / 25); "
         f"pruning to r={s.keep} of 8 experts with {s.calib_samples} calibration sequences of 96 tokens. "
         f"Tests on the suite's fixed test split: claims 1-2 on {s.test_examples} examples per domain x 6 "
-        f"domains with generated answers (at most 16 tokens, exact match EM in %), claims 3-5 loss only on "
+        f"domains with generated answers (at most 16 tokens, exact match EM in %), claims 3-6 loss only on "
         f"{s.loss_examples} examples per domain x 6 domains.",
         "",
         "What a seed varies: seed_everything (the dense base's init, router init, dropout), the training-data "
         "shuffle (data seed), PESC's adapter seed and the pruning calibration sample. The whole chain is "
         "retrained per seed: one dense base per seed is shared by claims 1 and 2, one upcycled MoE per seed by "
-        "claims 1 and 3, the seed's dynamic-mixing model is what claim 4 prunes, and claim 5 calibrates "
+        "claims 1 and 3, the seed's dynamic-mixing model is what claims 4 and 6 compress, and claim 5 calibrates "
         "skipping on the seed's enumeration-pruned model. A claim holds only if the paired per-seed "
         "difference has the same sign in every seed and |mean| > its std.",
         "",
@@ -581,6 +623,23 @@ def claim_sections(results: dict, s: Settings) -> dict:
                 ],
             ),
         ],
+        "compression": lambda: [
+            "## 6. Compression recipes (He et al. 2024) on the dynamic-mixing model (test loss)",
+            "",
+            *table(
+                results,
+                "compression",
+                [("loss", "test loss", "{:.3f}"), ("delta", "change vs unpruned", "{:+.4f}")],
+            ),
+            "",
+            *[
+                verdict(
+                    results, "compression", row, "unpruned", "loss", "lower", f"test loss, {row} vs unpruned"
+                )
+                for row in results[min(results)]["compression"]
+                if row != "unpruned"
+            ],
+        ],
     }
 
 
@@ -589,7 +648,7 @@ def report(results: dict, s: Settings, wall: float | None, argv: list[str]) -> s
     seeds = sorted(results)
     lines = header(s, seeds, wall, argv)
     sections = claim_sections
-    for name in ("upcycling", "pesc", "mixing", "pruning", "skipping"):
+    for name in ("upcycling", "pesc", "mixing", "pruning", "skipping", "compression"):
         have = [sd for sd in seeds if name in results[sd]]
         if not have:
             lines += [f"## {name}: not run / not finished for any seed", ""]
