@@ -632,8 +632,9 @@ def claim_sections(results: dict, s: Settings) -> dict:
                 [("loss", "test loss", "{:.3f}"), ("delta", "change vs unpruned", "{:+.4f}")],
             ),
             "",
-            "Every recipe costs some test loss; the claim checked is the ranking He et al. report, that "
-            "slimming inside the experts and trimming whole experts cost less than dropping a whole block:",
+            "Every recipe costs some test loss; what is checked is the ordering He et al. report: the "
+            "fine-grained recipes (slimming inside the experts, pruning experts, dropping one MoE layer) cost "
+            "less loss than dropping a whole decoder block (the coarsest and fastest).",
             "",
             *[
                 verdict(
