@@ -101,6 +101,7 @@ class Usage:
 
 class Candidate:
     def __init__(self, name: str, model: nn.Module, args: argparse.Namespace, is_moe: bool) -> None:
+        from moe_app.core.utils.clipping import can_fold
         from moe_app.lightning.modules.optim import OptimConfig, build_optimizer
 
         self.name, self.model, self.is_moe, self.args = name, model, is_moe, args
@@ -109,6 +110,8 @@ class Candidate:
         out = build_optimizer(self.params, cfg, total_steps=1000)
         self.opt, self.sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
         self.new_kernel = {k: self.opt.param_groups[0][k] for k in ("fused", "foreach")}
+        # The folded clip needs the fused step to be the only one on these gradients.
+        self.fold_clip = args.clip == "moe-app" and args.no_old and can_fold(self.opt)
         self.old_kernel = {"fused": False, "foreach": None}  # torch's default: the loop on CPU
         self.times: dict[str, list[float]] = {p: [] for p in (*PHASES, "optimizer_old")}
         self.sys: dict[str, list[float]] = {p: [] for p in self.times}
@@ -121,6 +124,7 @@ class Candidate:
 
     def step(self, ids: torch.Tensor, mask: torch.Tensor, usage: Usage, record: bool) -> None:
         from moe_app.core.moe.losses import RouterLossConfig, weighted_router_losses
+        from moe_app.core.utils.clipping import clip_grad_norm_folded, release
 
         marks = [usage.now()]
         loss = self.model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
@@ -129,7 +133,10 @@ class Candidate:
         marks.append(usage.now())
         loss.backward()
         marks.append(usage.now())
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)  # what Lightning's gradient_clip_val calls
+        if self.fold_clip:  # what CausalLMModule does with gradient_clip_val: the fused step scales
+            clip_grad_norm_folded(self.opt, self.params, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)  # Lightning's default clipping
         marks.append(usage.now())
         # The two kernels on the same gradients; the second one's update is the one that counts.
         order = [("optimizer", self.new_kernel), ("optimizer_old", self.old_kernel)]
@@ -143,6 +150,7 @@ class Candidate:
             t0 = usage.now()
             self.opt.step()
             spans[name] = (t0, usage.now())
+        release(self.opt)
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if not record:
@@ -202,6 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="moe-app: keep freed heap memory as `moe-app fit` does (core/utils/allocator.py); "
         "system: glibc's defaults (the figure before that change)",
     )
+    p.add_argument(
+        "--clip",
+        default="moe-app",
+        choices=["moe-app", "torch"],
+        help="moe-app: the clip coefficient applied inside the fused AdamW step, as training does "
+        "(core/utils/clipping.py; needs --no-old); torch: clip_grad_norm_'s separate multiply pass",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -241,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, CPU: {cpu_model()}; params dense "
         f"{n_params['dense'] / 1e6:.1f}M, moe {n_params['moe'] / 1e6:.1f}M; AdamW new={m.new_kernel} "
         f"old=torch default (loop); parameters updated by {'old' if args.baseline else 'new'}; "
-        f"malloc: {malloc}"
+        f"malloc: {malloc}; clip: {'folded into the fused step' if m.fold_clip else 'clip_grad_norm_'}"
     )
     print(f"{'phase':<15}{'dense s':>9}{'moe s':>9}{'moe/dense':>11}{'moe sys s':>11}{'moe faults':>12}")
     for ph in (*PHASES, *(() if args.no_old else ("optimizer_old",))):

@@ -213,10 +213,16 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
 
         return ModuleWeights(self.build_model())
 
+    def rebuilds_on_meta(self) -> bool:
+        """Whether under FSDP only rank 0 builds the model: ``build_model`` is marked
+        :func:`rebuildable`. A subclass narrows it where one configuration cannot be rebuilt (e.g.
+        a 4-bit base); the answer must be the same on every rank (it decides a collective)."""
+        return getattr(type(self).build_model, "rebuildable", False)
+
     def _sharded_strategy(self) -> DecoderLayerFSDPStrategy | None:
         strategy = self._trainer.strategy if self._trainer is not None else None
-        rebuild = getattr(type(self).build_model, "rebuildable", False)
-        return strategy if isinstance(strategy, DecoderLayerFSDPStrategy) and rebuild else None
+        sharded = isinstance(strategy, DecoderLayerFSDPStrategy)
+        return strategy if sharded and self.rebuilds_on_meta() else None
 
     def load_base_model(self) -> torch.nn.Module:
         src = self.source
@@ -342,6 +348,33 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
             )
         total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
         return build_optimizer(params, self.optim, total_steps=max(total, 1))
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by global norm inside the fused AdamW step where that is safe (one pass over every
+        expert's gradient fewer: :mod:`moe_app.core.utils.clipping`); otherwise as Lightning does."""
+        from moe_app.core.utils.clipping import can_fold, clip_grad_norm_folded
+
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if gradient_clip_val and by_norm and scaler is None and can_fold(optimizer):
+            clip_grad_norm_folded(optimizer, self.parameters(), float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        from moe_app.core.utils.clipping import release
+
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:  # a folded clip coefficient belongs to this step only
+            release(getattr(optimizer, "optimizer", optimizer))
 
     # ------------------------------------------------------------------ logging and saving
     def on_fit_start(self) -> None:
