@@ -50,6 +50,18 @@ RECIPES: dict[str, tuple[str, ...]] = {
         "--data.init_args.sources",
         '[{"name": "arithmetic", "builtin": "arithmetic", "builtin_train_size": 64, "builtin_eval_size": 4}]',
     ),
+    # post-training stage 1 (dynamic mixing, one update in the run) from a pruned MoE checkpoint:
+    # pass --model.init_args.init_from DIR
+    "post": (
+        "configs/tiny/post_stage1.yaml",
+        "--data.init_args.sources",
+        '[{"name": "arithmetic", "builtin": "arithmetic", "builtin_train_size": 64, "builtin_eval_size": 4}, '
+        '{"name": "sorting", "builtin": "sorting", "builtin_train_size": 64, "builtin_eval_size": 4}]',
+        "--data.init_args.mixture.update_every",
+        "2",
+        "--data.init_args.mixture.probe_size",
+        "4",
+    ),
     "lora": (
         "configs/tiny/lora.yaml",
         "--model.init_args.lora.rank",

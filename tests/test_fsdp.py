@@ -6,6 +6,8 @@ really hold only its shard during training, the saved model directory must be th
 (gathered, not rank 0's shard), and a resume from a mid-run FSDP checkpoint must be bitwise.
 Loading is sharded too: only rank 0 loads (and upcycles, layer by layer), rank 1's model is on the
 meta device until the strategy fills its shards, and the fit equals the old every-rank-loads path.
+Post-training reads a pruned MoE checkpoint on rank 0 one layer at a time; PESC and LoRA load the
+base on rank 0 only (tests/test_fsdp_rebuild.py checks every rebuilt structure in one process).
 """
 
 from __future__ import annotations
@@ -164,12 +166,24 @@ def test_fsdp_resume_from_a_mid_run_checkpoint_is_bitwise(
 @pytest.fixture(scope="module")
 def fsdp_pesc_run(suite_dense_dir: Path, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fsdp-pesc")
-    fit_two_processes("pesc", FSDP, root, suite_dense_dir)
+    fit_two_processes(
+        "pesc", FSDP, root, suite_dense_dir, "--model.class_path", "tests.fsdp_probe.ProbedPescModule"
+    )
     return root
+
+
+def _loaded_on_rank0_only(root: Path) -> None:
+    """Rank 0 loaded the base whole (once) and rank 1 not at all; the model each handed the
+    strategy held no parameter storage (rank 0's weights wait in its weight source)."""
+    built = _built(root)
+    assert [b["base_loads"] for b in built] == [1, 0]
+    assert [b["real_param_bytes"] for b in built] == [0, 0]
+    assert built[0]["meta_param_bytes"] == built[1]["meta_param_bytes"] > 0
 
 
 @pytest.mark.slow
 def test_fsdp_pesc_frozen_base_and_trainable_experts_match_ddp(fsdp_pesc_run: Path, ddp_pesc_run: Path):
+    _loaded_on_rank0_only(fsdp_pesc_run)
     saved = load_safetensors(fsdp_pesc_run / "model")
     check_ranks(fsdp_pesc_run, saved)
     assert all(p["local_fraction"] == pytest.approx(0.5, abs=0.02) for p in probes(fsdp_pesc_run))
@@ -222,8 +236,11 @@ def test_pesc_checks_the_tensor_names_the_fsdp_loader_passes_on(suite_dense_dir:
 @pytest.mark.slow
 def test_fsdp_lora_saves_the_merged_full_model_like_ddp(suite_dense_dir: Path, tmp_path: Path):
     fsdp, ddp = tmp_path / "fsdp-lora", tmp_path / "ddp-lora"
-    fit_two_processes("lora", FSDP, fsdp, suite_dense_dir)
+    fit_two_processes(
+        "lora", FSDP, fsdp, suite_dense_dir, "--model.class_path", "tests.fsdp_probe.ProbedLoraModule"
+    )
     fit_two_processes("lora", "ddp", ddp, suite_dense_dir)
+    _loaded_on_rank0_only(fsdp)
     p0, p1 = probes(fsdp)
     assert p0["params"] == p1["params"] and all("lora_" in n for n in p0["params"])
     assert p0["local_fraction"] == pytest.approx(0.5, abs=0.02)
@@ -272,6 +289,65 @@ def test_fsdp_gathers_a_tied_embedding_model_into_the_same_checkpoint_as_ddp(tmp
     reference = load_model(plain)
     ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+POST_PROBED = ("--model.class_path", "tests.fsdp_probe.ProbedPostTrainModule")
+
+
+@pytest.fixture(scope="module")
+def pruned_moe_dir(suite_dense_dir: Path, tmp_path_factory) -> Path:
+    """What post-training starts from after pruning: the suite model upcycled to 4 experts top-2
+    with attention MoE, then 3 and 2 experts kept in layers 0 and 1 and a skipping threshold in
+    layer 1 (saved with the suite tokenizer, as a stage's output is)."""
+    from moe_app import load_model
+    from moe_app.checkpoint.model_dir import save_moe_checkpoint
+    from moe_app.core.data.tokenizer import suite_tokenizer
+    from moe_app.core.pruning.experts import keep_experts
+    from moe_app.core.pruning.skipping import apply_skipping
+    from moe_app.core.upcycling import upcycle
+    from moe_app.core.upcycling.config import UpcycleConfig
+
+    cfg = UpcycleConfig(method="copy", num_experts=4, top_k=2, attention_moe=True)
+    model = upcycle(load_model(suite_dense_dir), cfg)
+    keep_experts(model, {0: [0, 1, 3], 1: [1, 2]})
+    apply_skipping(model, {1: 0.3})
+    out = tmp_path_factory.mktemp("pruned") / "model"
+    return save_moe_checkpoint(model, out, tokenizer=suite_tokenizer())
+
+
+@pytest.mark.slow
+def test_fsdp_post_training_reads_a_pruned_checkpoint_on_rank0_only_and_matches_ddp(
+    pruned_moe_dir: Path, suite_dense_dir: Path, tmp_path: Path
+):
+    init = ("--model.init_args.init_from", str(pruned_moe_dir))
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    fit_two_processes("post", FSDP, fsdp, suite_dense_dir, *POST_PROBED, *init)
+    fit_two_processes("post", "ddp", ddp, suite_dense_dir, *POST_PROBED, *init)
+    new, every_rank = _built(fsdp), _built(ddp)
+    # DDP: every rank loaded the whole checkpoint. FSDP: no rank did (rank 0 read it one decoder
+    # layer at a time while the shards filled; rank 1 rebuilt the structure on meta)
+    assert [b["base_loads"] for b in every_rank] == [1, 1]
+    full_bytes = every_rank[0]["real_param_bytes"]
+    assert [b["base_loads"] for b in new] == [0, 0]
+    assert [b["real_param_bytes"] for b in new] == [0, 0]
+    assert [b["meta_param_bytes"] for b in new] == [full_bytes, full_bytes]
+    saved = load_safetensors(fsdp / "model")
+    check_ranks(fsdp, saved)
+    fsdp_probes = probes(fsdp)
+    # each rank stores its own part (FSDP2 splits dim 0: layer 0's 3 experts go 2 + 1)
+    fractions = [p["local_fraction"] for p in fsdp_probes]
+    assert sum(fractions) == pytest.approx(1.0) and max(fractions) < 0.6
+    assert [p["batches"] for p in fsdp_probes] == [p["batches"] for p in probes(ddp)]
+    for a, b in zip(new, every_rank, strict=True):
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
+    _assert_same_model(saved, load_safetensors(ddp / "model"))
+    start = load_safetensors(pruned_moe_dir)
+    assert saved.keys() == start.keys()
+    assert max((saved[k] - start[k]).abs().max().item() for k in saved) > 1e-3  # it trained
+    spec = json.loads((fsdp / "model" / "moe_app.json").read_text())  # the pruned structure kept
+    assert [lay["mlp"]["num_experts"] for lay in spec["layers"]] == [3, 2]
+    assert all(lay["attention"] is not None for lay in spec["layers"])
+    assert spec["skipping"] == {"1": 0.3}
 
 
 def test_other_ranks_rebuild_rank0s_upcycled_model_on_meta_from_its_config_and_spec():

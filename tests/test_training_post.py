@@ -128,6 +128,17 @@ def test_stage2_refuses_dense_model_and_wrong_architecture(dense_dir: Path, stag
         check_init_from(stage1_dir, expect_architecture="Qwen2ForCausalLM")
 
 
+def test_stage2_refuses_a_stock_moe_with_the_reason(stage1_dir: Path, tmp_path: Path):
+    from moe_app.checkpoint.export import export_checkpoint
+
+    stock = export_checkpoint(stage1_dir, tmp_path / "mixtral", "mixtral").path
+    with pytest.raises(
+        CheckpointError, match="is a stock transformers MoE: post-training continues a moe-app"
+    ) as err:
+        check_init_from(stock)
+    assert "exported from" in str(err.value)
+
+
 def test_stage2_refuses_a_model_that_skipped_stage1(dense_dir: Path, stage1_dir: Path, tmp_path: Path):
     upcycled = stage1_dir.parent.parent / "upcycle" / "model"
     with pytest.raises(CheckpointError, match="not produced by stage 'post_stage1'"):

@@ -44,10 +44,7 @@ def lazy_dense_model(
         files = shard_files(p)
     except CheckpointError:
         return None
-    where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            where.update(dict.fromkeys(h.keys(), f))
+    where = tensor_files(files)
     config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     with params_on_meta(), no_init_weights():  # buffers (rotary tables) stay real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -58,17 +55,33 @@ def lazy_dense_model(
     model.eval()  # as from_pretrained returns it
 
     def fetch(names: Sequence[str]) -> dict[str, Tensor]:
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(where[name], []).append(name)
-        out = {}
-        for f, keys in by_file.items():
-            with safe_open(str(f), framework="pt") as h:
-                for k in keys:
-                    out[k] = h.get_tensor(k).to(dtype)
-        return out
+        return read_tensors(where, names, lambda _: dtype)
 
     return model, fetch
 
 
-__all__ = ["Fetch", "lazy_dense_model"]
+def tensor_files(files: Sequence[Path]) -> dict[str, Path]:
+    """``{tensor name: the safetensors file holding it}``, from the files' headers only."""
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            where.update(dict.fromkeys(h.keys(), f))
+    return where
+
+
+def read_tensors(
+    where: dict[str, Path], names: Sequence[str], dtype_of: Callable[[str], torch.dtype]
+) -> dict[str, Tensor]:
+    """The named tensors, read from their files (each file opened once), cast to ``dtype_of(name)``."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(where[name], []).append(name)
+    out = {}
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as h:
+            for k in keys:
+                out[k] = h.get_tensor(k).to(dtype_of(k))
+    return out
+
+
+__all__ = ["Fetch", "lazy_dense_model", "read_tensors", "tensor_files"]

@@ -206,8 +206,12 @@ def probe_model(
     selected: list[int] | None = None
     device = next(model.parameters()).device
     # Without a loss to compute, the decoder alone suffices: skip the LM head (a large share of the
-    # forward for 100k+ vocabularies). HF base models report router logits too.
-    runner = model if need_loss else getattr(model, "base_model", model)
+    # forward for 100k+ vocabularies). HF base models report router logits too. Not under FSDP2:
+    # the root unit (the whole model) owns the embeddings, which only its forward gathers.
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = isinstance(model, FSDPModule)
+    runner = model if need_loss or sharded else getattr(model, "base_model", model)
     was_training = model.training
     model.eval()
     counts: list[Tensor] | None = None

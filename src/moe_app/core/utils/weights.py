@@ -15,7 +15,7 @@ one decoder layer at a time without ever building it whole.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
@@ -94,4 +94,18 @@ class ModuleWeights:
         return out
 
 
-__all__ = ["ModuleWeights", "WeightSource", "meta_copy", "params_on_meta"]
+class FetchedWeights:
+    """A :class:`WeightSource` over a checkpoint that is read, not loaded: ``skeleton`` was built
+    from the checkpoint's config (parameters on meta, buffers real and already filled) and
+    ``fetch(names)`` reads the named tensors from its files when asked, so the holder's peak is
+    one decoder layer instead of the whole model."""
+
+    def __init__(self, skeleton: nn.Module, fetch: Callable[[Sequence[str]], dict[str, Tensor]]) -> None:
+        self.skeleton = skeleton
+        self._fetch = fetch
+
+    def tensors(self, names: Sequence[str]) -> dict[str, Tensor]:
+        return self._fetch(names)
+
+
+__all__ = ["FetchedWeights", "ModuleWeights", "WeightSource", "meta_copy", "params_on_meta"]

@@ -18,7 +18,7 @@ from moe_app.checkpoint.pretrained import save_pretrained_dir
 from moe_app.core.pesc.config import PeftLoraOptions
 from moe_app.core.pesc.merge import merge_peft_lora
 from moe_app.core.pesc.surgery import inject_peft_lora
-from moe_app.lightning.modules.lm import CausalLMModule, ModelSource
+from moe_app.lightning.modules.lm import CausalLMModule, ModelSource, rebuildable
 
 
 class LoraModule(CausalLMModule):
@@ -34,7 +34,10 @@ class LoraModule(CausalLMModule):
         self.lora = lora or PeftLoraOptions(enabled=True)
         self.record_hparams(lora=self.lora)
 
+    @rebuildable
     def build_model(self) -> torch.nn.Module:
+        """The base with LoRA injected. Under FSDP only rank 0 runs this; the other ranks rebuild
+        the same peft modules on meta from the LoRA options peft records on the model."""
         model = self.load_base_model()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)

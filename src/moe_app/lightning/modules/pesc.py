@@ -32,11 +32,11 @@ from moe_app.checkpoint.pesc import (
     save_pesc_full,
 )
 from moe_app.core.moe.losses import weighted_router_losses
-from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
+from moe_app.core.pesc.config import PescConfig, is_pesc_trainable, pesc_config_of
 from moe_app.core.pesc.surgery import build_pesc, mark_pesc_trainable
 from moe_app.core.utils.params import human
 from moe_app.errors import CheckpointError, ConfigError
-from moe_app.lightning.modules.lm import CausalLMModule, ModelSource
+from moe_app.lightning.modules.lm import CausalLMModule, ModelSource, rebuildable
 
 
 class PescModule(CausalLMModule):
@@ -75,6 +75,7 @@ class PescModule(CausalLMModule):
         self.strict_loading = False
 
     # ------------------------------------------------------------------ model
+    @rebuildable
     def build_model(self) -> torch.nn.Module:
         src = self.source.pretrained
         if src is not None and is_pesc_adapter_dir(src):
@@ -89,6 +90,28 @@ class PescModule(CausalLMModule):
         if device is not None:
             model.to(device)  # bitsandbytes quantises on the weights' device
         return build_pesc(model, self.pesc)
+
+    def rebuilds_on_meta(self) -> bool:
+        """Under FSDP only rank 0 loads the base and crafts PESC; the other ranks rebuild the
+        blocks, adapters, routers and any peft LoRA on meta from the broadcast config and
+        :class:`PescConfig`. A 4-bit base (QLoRA) keeps the every-rank path, where the strategy
+        refuses it with the reason: bitsandbytes blocks cannot be sharded."""
+        return super().rebuilds_on_meta() and not self._effective_pesc().quantize_4bit
+
+    def _effective_pesc(self) -> PescConfig:
+        """The config ``build_model`` will use: the saved one when continuing from adapters."""
+        src = self.source.pretrained
+        if src is not None and is_pesc_adapter_dir(src):
+            return PescConfig.from_dict(read_pesc_meta(src)["pesc"])
+        return self.pesc
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        # Continuing from adapters, build_model adopts the saved PescConfig; under FSDP the other
+        # ranks did not run it and take the config their rebuilt model carries (router losses).
+        cfg = pesc_config_of(self.model)
+        if cfg is not None:
+            self.pesc = cfg
 
     def _quantize_device(self) -> torch.device | None:
         if not self.pesc.quantize_4bit or self._trainer is None:

@@ -25,12 +25,12 @@ import torch
 from moe_app.checkpoint.hub import check_local_model_dir, is_local
 from moe_app.checkpoint.model_dir import is_moe_checkpoint
 from moe_app.checkpoint.names import CONFIG_FILE, PESC_ADAPTER_FILE, PESC_META
-from moe_app.checkpoint.pesc import read_pesc_meta
+from moe_app.checkpoint.pesc import is_pesc_adapter_dir, read_pesc_meta
 from moe_app.checkpoint.shards import open_shard
 from moe_app.core.mixing.protocols import MixtureLineage
 from moe_app.errors import CheckpointError
 from moe_app.lightning.data.instruction import InstructionDataModule
-from moe_app.lightning.modules.lm import ModelSource
+from moe_app.lightning.modules.lm import ModelSource, rebuildable
 from moe_app.lightning.modules.moe import MoeLMModule
 
 
@@ -39,9 +39,11 @@ def check_init_from(
 ) -> dict[str, Any]:
     """Check that ``path`` is a complete MoE model directory; return its (base's) ``config.json``.
 
-    Accepted: a moe-app checkpoint dir, a stock HF MoE dir, or a PESC adapter-only dir (its manifest,
-    its adapter tensors and the dense base it names are checked). Raises ``CheckpointError`` naming
-    the missing / truncated file or the mismatch and how to fix it.
+    Accepted: a moe-app checkpoint dir or a PESC adapter-only dir (its manifest, its adapter tensors
+    and the dense base it names are checked). A stock HF MoE (Mixtral, Qwen2-MoE, ...) is refused:
+    its MoE blocks are transformers' own, whose routing and balance losses moe-app's training does not
+    drive. Raises ``CheckpointError`` naming the missing / truncated file or the mismatch and how to
+    fix it.
     """
 
     path = Path(path)
@@ -62,12 +64,20 @@ def check_init_from(
             fix="start from a checkpoint of the same base family, or change expect_architecture",
         )
     is_stock_moe = any(k in config for k in ("num_local_experts", "num_experts"))
-    if not (is_pesc or is_stock_moe or is_moe_checkpoint(path)):
+    if not (is_pesc or is_moe_checkpoint(path)):
+        if is_stock_moe:
+            raise CheckpointError(
+                f"{archs[0]} is a stock transformers MoE: post-training continues a moe-app MoE (its own "
+                "routers, balance losses and expert layout), not transformers' MoE blocks.",
+                where=where,
+                fix="point init_from at the moe-app checkpoint the stock one was exported from, or upcycle "
+                "the dense base with moe-app",
+            )
         raise CheckpointError(
             f"{archs[0]} is a dense model, but post-training needs a Mixture-of-Experts.",
             where=where,
-            fix="upcycle it first (configs/tiny/upcycle.yaml or `moe-app upcycle`), or start from a PESC or "
-            "stock MoE checkpoint",
+            fix="upcycle it first (configs/tiny/upcycle.yaml or `moe-app upcycle`), or start from a PESC "
+            "checkpoint",
         )
     if requires_stage is not None:
         from moe_app.checkpoint.pretrained import read_lineage
@@ -138,7 +148,7 @@ class PostTrainModule(MoeLMModule):
     """One post-training stage of an MoE from any construction (copy, partition, attention, PESC).
 
     Args:
-        init_from: the previous stage's output directory (moe-app checkpoint or stock HF MoE).
+        init_from: the previous stage's output directory (moe-app MoE checkpoint or PESC dir).
         source: model options (dtype, activation checkpointing, ...); its ``pretrained`` is set to
             ``init_from``.
         stage: this stage's name, recorded in the lineage (e.g. ``post_stage1``).
@@ -168,11 +178,41 @@ class PostTrainModule(MoeLMModule):
             expect_architecture=expect_architecture,
         )
 
+    @rebuildable
     def build_model(self) -> torch.nn.Module:
+        self._check_init_from()
+        return super().build_model()
+
+    def _check_init_from(self) -> None:
         check_init_from(
             self.init_from, expect_architecture=self.expect_architecture, requires_stage=self.requires_stage
         )
-        return super().build_model()
+
+    def rebuilds_on_meta(self) -> bool:
+        """Under FSDP only rank 0 reads ``init_from``; the other ranks rebuild its structure on meta
+        from the config, MoE spec (per-layer expert counts, attention MoE, dropped MLPs, skipping
+        thresholds, PESC adapters) and PESC config rank 0 broadcasts, which describe every model
+        ``load_model`` builds from a moe-app or PESC adapter dir. Except a 4-bit
+        (QLoRA) PESC base: that keeps the every-rank path, where the strategy refuses it with the
+        reason (4-bit weights cannot be sharded) before anything is broadcast."""
+        return super().rebuilds_on_meta() and not _pesc_4bit(self.init_from)
+
+    def build_weight_source(self):
+        """Under FSDP, rank 0 reads a moe-app checkpoint one decoder layer at a time while the
+        shards fill (:func:`~moe_app.checkpoint.lazy_moe.lazy_moe_model`), so no rank holds the
+        whole model; a PESC adapter dir is loaded whole on rank 0."""
+        from moe_app.checkpoint.lazy_moe import lazy_moe_model
+        from moe_app.core.utils.weights import FetchedWeights
+
+        self._check_init_from()
+        src = self.source
+        lazy = lazy_moe_model(self.init_from, src.torch_dtype, src.trust_remote_code)
+        if lazy is None:
+            return super().build_weight_source()
+        model, fetch = lazy
+        self._check_source(model)
+        self._apply_freezing(model)
+        return FetchedWeights(model, fetch)
 
     def lineage_entry(self) -> dict[str, Any]:
         entry = super().lineage_entry()
@@ -182,6 +222,25 @@ class PostTrainModule(MoeLMModule):
         # Called when the model dir is written (end of fit), so a mixture's weights are the final ones.
         entry["data"] = dm.describe() if isinstance(dm, MixtureLineage) else describe_plain_data(dm)
         return entry
+
+
+def _pesc_4bit(path: str | Path) -> bool:
+    """Whether ``path`` holds a PESC model with a 4-bit base (an adapter dir's ``pesc.json``, or a
+    full dir's ``adapters`` slot). Unreadable or missing files answer ``False``: ``check_init_from``
+    then reports them on rank 0."""
+    from moe_app.checkpoint.spec_file import read_spec
+
+    try:
+        if is_pesc_adapter_dir(path):
+            cfg = read_pesc_meta(path).get("pesc") or {}
+        elif is_moe_checkpoint(path):
+            slot = read_spec(path).adapters or {}
+            cfg = slot.get("config") or {}
+        else:
+            return False
+    except (CheckpointError, OSError, ValueError):
+        return False
+    return bool(cfg.get("quantize_4bit"))
 
 
 def _with_pretrained(source: ModelSource | None, init_from: str) -> ModelSource:

@@ -17,8 +17,9 @@ Why FSDP2 rather than Lightning's ``FSDPStrategy`` (FSDP1):
 
 No process builds the full model only to shard it (ZeRO-3's point, Rajbhandari et al. 2020): a
 module whose model can be rebuilt from its config and MoE spec (:meth:`sharded_model`) has rank 0
-produce a :class:`~moe_app.core.utils.weights.WeightSource` (the loaded model, or for on-the-fly
-upcycling the dense model upcycled one decoder layer at a time), the other ranks build the same
+produce a :class:`~moe_app.core.utils.weights.WeightSource` (the loaded model, a moe-app
+checkpoint read one decoder layer at a time, or for on-the-fly upcycling the dense model upcycled
+one decoder layer at a time), the other ranks build the same
 structure on the ``meta`` device from rank 0's config and spec, every rank shards its meta model,
 allocates only its shards, and rank 0 scatters the real weights one FSDP unit (decoder layer) at
 a time. Rank 0's peak is its shards plus one upcycled layer (plus the dense model where it cannot
@@ -34,7 +35,9 @@ runs unchanged on that plain model.
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -84,18 +87,54 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
 
 
 def _structure(model: nn.Module) -> dict[str, Any]:
-    """What the other ranks need to rebuild ``model`` on meta: config, MoE spec, and every
+    """What the other ranks need to rebuild ``model`` on meta: config, MoE spec, the PESC config
+    and peft LoRA options of surgery done in memory (not recorded in a spec), and every
     parameter's name, shape, dtype and trainability (JSON types only: it is broadcast)."""
+    from moe_app.core.pesc.config import pesc_config_of
+
     gen = getattr(model, "generation_config", None)
     spec = spec_of(model)
+    pesc = pesc_config_of(model)
+    if pesc is not None and pesc.quantize_4bit:
+        raise ConfigError(
+            "FSDP cannot shard bitsandbytes 4-bit weights (PESC with quantize_4bit).",
+            where="trainer.strategy",
+            fix="train QLoRA with --trainer.strategy ddp (the 4-bit base fits on each GPU), or set "
+            "--model.init_args.pesc.quantize_4bit false to shard a 16/32-bit base",
+        )
     return {
         "config": model.config.to_dict(),
         "generation": gen.to_dict() if gen is not None else None,
         "spec": spec.to_dict() if spec is not None else None,
+        "pesc": pesc.to_dict() if pesc is not None else None,
+        "peft_lora": _peft_lora_options(model) if pesc is None else None,  # PESC's own is in its config
         "params": [
             [n, list(p.shape), str(p.dtype).removeprefix("torch."), p.requires_grad]
             for n, p in model.named_parameters()
         ],
+    }
+
+
+def _peft_lora_options(model: nn.Module) -> dict[str, Any] | None:
+    """The :class:`~moe_app.core.pesc.config.PeftLoraOptions` of a LoRA that
+    :func:`~moe_app.core.pesc.surgery.inject_peft_lora` put into ``model`` (peft records its
+    ``LoraConfig`` as ``model.peft_config``); ``None`` without one. The name and shape check of
+    :func:`rebuild_on_meta` refuses a LoRA these options do not rebuild."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return None
+    if len(configs) != 1:
+        raise MoeAppError(
+            f"{len(configs)} peft adapters cannot be rebuilt on the other ranks",
+            where="trainer.strategy",
+            fix="train with one LoRA adapter, or with --trainer.strategy ddp",
+        )
+    (cfg,) = configs.values()
+    return {
+        "rank": int(cfg.r),
+        "alpha": float(cfg.lora_alpha),
+        "dropout": float(cfg.lora_dropout),
+        "target_modules": sorted(cfg.target_modules),
     }
 
 
@@ -104,6 +143,8 @@ def rebuild_on_meta(structure: dict[str, Any], trust_remote_code: bool = False) 
     from transformers import AutoConfig, GenerationConfig
 
     from moe_app.checkpoint.model_dir import build_empty_model
+    from moe_app.core.pesc.config import PeftLoraOptions, PescConfig
+    from moe_app.core.pesc.surgery import build_pesc, inject_peft_lora, pesc_blocks
 
     cfg = dict(structure["config"])
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -112,6 +153,10 @@ def rebuild_on_meta(structure: dict[str, Any], trust_remote_code: bool = False) 
     dtypes = [getattr(torch, d) for _, _, d, _ in params]
     with torch.device("meta"):
         model = build_empty_model(config, spec, max(set(dtypes), key=dtypes.count), trust_remote_code)
+        if structure.get("pesc") is not None and not pesc_blocks(model):  # PESC done in memory
+            build_pesc(model, PescConfig.from_dict(structure["pesc"]))
+        if structure.get("peft_lora") is not None:
+            inject_peft_lora(model, PeftLoraOptions(enabled=True, **structure["peft_lora"]))
     if structure["generation"] is not None:
         model.generation_config = GenerationConfig.from_dict(structure["generation"])
     mine = dict(model.named_parameters())
@@ -131,6 +176,18 @@ def rebuild_on_meta(structure: dict[str, Any], trust_remote_code: bool = False) 
             p.data = torch.empty_like(p, dtype=dtype)
         p.requires_grad_(trainable)
     return model
+
+
+def _rng_digest(state: torch.Tensor) -> str:
+    return hashlib.sha256(state.numpy().tobytes()).hexdigest()
+
+
+def _rng_encode(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def _rng_decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def _tie(model: nn.Module) -> None:
@@ -237,12 +294,21 @@ class DecoderLayerFSDPStrategy(ModelParallelStrategy):
         A collective, called from ``configure_model``: rank 0 broadcasts the config, MoE spec and
         parameter list of ``make_source().skeleton`` and the other ranks rebuild it on meta
         (:func:`rebuild_on_meta`). An error on rank 0 is re-raised on every rank.
+
+        Building may draw from the global CPU generator (peft's LoRA init, PESC's modules) and a
+        rebuild on meta draws nothing, so a rank that started from rank 0's generator state
+        (``seed_everything``) takes rank 0's state after the build: each rank's later draws
+        (dropout, router jitter) are those it made when every rank built the model.
         """
         payload: str | None = None
+        rng_before = _rng_digest(torch.get_rng_state())
         if self.global_rank == 0:
             try:
                 self._source = make_source()
-                payload = json.dumps(_structure(self._source.skeleton), default=str)
+                rng = {"before": rng_before, "after": _rng_encode(torch.get_rng_state())}
+                payload = json.dumps(
+                    {"structure": _structure(self._source.skeleton), "rng": rng}, default=str
+                )
             except BaseException:
                 self.broadcast(None)  # release the other ranks before raising
                 raise
@@ -253,7 +319,11 @@ class DecoderLayerFSDPStrategy(ModelParallelStrategy):
             )
         if self.global_rank == 0:
             return self._source.skeleton
-        return rebuild_on_meta(json.loads(payload), trust_remote_code)
+        sent = json.loads(payload)
+        model = rebuild_on_meta(sent["structure"], trust_remote_code)
+        if sent["rng"]["before"] == rng_before:
+            torch.set_rng_state(_rng_decode(sent["rng"]["after"]))
+        return model
 
     @torch.no_grad()
     def _fill_shards(
