@@ -135,8 +135,10 @@ def recipes(keep: int) -> dict[str, PruneJob | None]:
         f"keep {keep}": PruneJob(experts=keep_r()),
         f"keep {keep} + wanda 0.5": PruneJob(experts=keep_r(), slim=slim("wanda")),
         f"keep {keep} + sparsegpt 0.5": PruneJob(experts=keep_r(), slim=slim("sparsegpt")),
+        f"keep {keep} + layer drop 1": PruneJob(experts=keep_r(), layer_drop=1),
         f"keep {keep} + layer drop 1 + nf4": PruneJob(experts=keep_r(), layer_drop=1, quantize="nf4"),
         f"keep {keep} + wanda 0.5 + nf4": PruneJob(experts=keep_r(), slim=slim("wanda"), quantize="nf4"),
+        "block drop 1": PruneJob(block_drop=1),
         "block drop 1 + nf4": PruneJob(block_drop=1, quantize="nf4"),
     }
 
@@ -153,6 +155,12 @@ def main() -> None:
     p.add_argument("--calib_samples", type=int, default=32)
     p.add_argument("--source", type=str, default=None, help="a trained MoE dir with its tokenizer")
     p.add_argument("--max_length", type=int, default=64, help="tokens per calibration / eval sequence")
+    p.add_argument(
+        "--recipes",
+        nargs="+",
+        default=None,
+        help="only these recipes (names as printed, e.g. 'wanda 0.5' '2:4' 'keep 6'); 'none' is always measured",
+    )
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args()
     if args.quick:
@@ -186,6 +194,8 @@ def main() -> None:
     ) as tmp:
         src = Path(args.source) if args.source else build_source(args, Path(tmp) / "src", tok)
         for name, job in recipes(args.keep).items():
+            if job is not None and args.recipes and name not in args.recipes:
+                continue
             if job is None:
                 rows[name] = measure(src, held_out)
                 continue
