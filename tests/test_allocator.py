@@ -1,6 +1,6 @@
-"""The Lightning commands keep freed heap memory (core/utils/allocator.py): a re-allocated large
-buffer reuses the pages of the freed one instead of faulting in fresh zeroed pages; opt-out and
-the user's own glibc settings are respected; the offline commands leave glibc alone."""
+"""Training keeps freed heap memory (core/utils/allocator.py): a re-allocated large buffer reuses
+the pages of the freed one instead of faulting in fresh zeroed pages; opt-out and the user's own
+glibc settings are respected; the offline commands leave glibc alone."""
 
 from __future__ import annotations
 
@@ -26,6 +26,19 @@ PROBE = textwrap.dedent(
     if setup == "direct":
         from moe_app.core.utils.allocator import keep_freed_memory
         status = keep_freed_memory()
+    elif setup == "fit":  # a real one-step fit of a tiny LLaMA through CausalLMModule
+        import lightning as L
+        from transformers import LlamaConfig
+        from moe_app.core.data.sources import SourceConfig
+        from moe_app.lightning.data.instruction import InstructionDataModule
+        from moe_app.lightning.modules.lm import CausalLMModule, ModelSource
+        arch = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+        module = CausalLMModule(source=ModelSource(arch=arch))
+        src = [SourceConfig(name="a", builtin="arithmetic", builtin_train_size=8, builtin_eval_size=4)]
+        data = InstructionDataModule(sources=src, max_length=32, batch_size=4)
+        L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                  default_root_dir=sys.argv[2]).fit(module, datamodule=data)
     elif setup != "none":
         import contextlib, io
         from moe_app.cli.main import main
@@ -41,10 +54,14 @@ PROBE = textwrap.dedent(
 )
 
 
-def _probe(setup: str, **env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "MOE_APP_MALLOC"))}
+def _probe(setup: str, root: str = "", **env: str) -> dict:
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "MOE_APP_MALLOC"))
+    }
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, setup],
+        [sys.executable, "-c", PROBE, setup, root],
         env={**clean, **env},
         capture_output=True,
         text=True,
@@ -70,8 +87,8 @@ def test_opt_out_and_user_tuning_are_respected():
     assert tuned["status"] == "user tuning"
 
 
-def test_training_commands_keep_freed_memory_and_offline_commands_do_not():
-    fit = _probe("fit --print_config")
+def test_training_keeps_freed_memory_and_other_commands_do_not(tmp_path):
+    fit = _probe("fit", str(tmp_path))  # CausalLMModule.on_fit_start (not under FSDP: see the module)
     offline = _probe("export --help")
     assert fit["faults"] < 50, fit
     assert offline["faults"] > PAGES // 600, offline

@@ -238,9 +238,6 @@ def main(argv: list[str] | None = None) -> int:
             return _run_offline(argv[0], argv[1:])
         if argv[0] not in TRAINER_COMMANDS and not argv[0].startswith("-"):
             raise _usage_error(f"unknown command {argv[0]!r}")
-        from moe_app.core.utils.allocator import keep_freed_memory
-
-        keep_freed_memory()  # training loops reuse their freed buffers (see the module for why)
         cli_main(argv)
         return 0
     except SystemExit as exc:  # argparse / jsonargparse already printed their message

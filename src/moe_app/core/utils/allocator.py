@@ -11,10 +11,16 @@ the heap, where the next step reuses them: the step went from 1.60x to 1.21x its
 the dense step.
 
 The cost is that the process's RSS stays at its high-water mark instead of shrinking between
-steps (15.4 vs 13.7 GB peak in that run). That is the right trade for a training loop, whose
-peak is reached every step anyway, and the wrong one for the offline commands that stream
-checkpoints under a memory budget (``upcycle``, ``export``, ``prune``): only the Lightning
-commands call :func:`keep_freed_memory`.
+steps (15.2 vs 14.3 GB peak in that run). That is the right trade for a replicated training loop,
+whose peak is reached every step anyway, so it is made when training starts
+(``CausalLMModule.on_fit_start``, after the model is loaded), and only there:
+
+* not for the offline commands that stream checkpoints under a memory budget (``upcycle``,
+  ``export``, ``prune``) nor for ``test`` / ``predict``;
+* not under FSDP, whose per-layer all-gather buffers come and go within every step: kept, they
+  held each rank's peak RSS at DDP's (9235 vs 9174 MB, SmolLM2 8x, 2 ranks,
+  ``benchmarks/fsdp_memory.py``), where glibc's defaults give about 0.55x. Sharding is chosen to
+  save memory, so there memory wins.
 
 Opt out with ``MOE_APP_MALLOC=system``. A user who tunes glibc already (``MALLOC_*_`` variables
 or ``GLIBC_TUNABLES``), or runs another allocator (``LD_PRELOAD``), is left alone.

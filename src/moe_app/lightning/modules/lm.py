@@ -379,6 +379,10 @@ class CausalLMModule(EvaluationMixin, L.LightningModule):
     # ------------------------------------------------------------------ logging and saving
     def on_fit_start(self) -> None:
         self.resolved_save_dir()  # a bad output path fails now, not after training
+        if not isinstance(self.trainer.strategy, DecoderLayerFSDPStrategy):
+            from moe_app.core.utils.allocator import keep_freed_memory
+
+            keep_freed_memory()  # the training loop reuses its freed buffers (see the module for why)
         counts = count_parameters(self.model)
         rank_zero_info(f"[moe-app] {type(self).__name__}: {counts.describe()}")
         self.param_counts = counts
