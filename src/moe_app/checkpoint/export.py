@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from moe_app.checkpoint.keymaps import FORMAT_ARCHITECTURES, FORMAT_KEYMAPS
 from moe_app.checkpoint.model_dir import load_model, unique_state_dict, write_model_dir
-from moe_app.checkpoint.pretrained import lineage_plus, read_lineage, write_lineage_file
+from moe_app.checkpoint.pretrained import lineage_plus, read_lineage
 from moe_app.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE
 from moe_app.core.models.dropped import DroppedMlp
 from moe_app.core.models.layers import find_decoder_layers
@@ -616,6 +616,6 @@ def export_checkpoint(
         tokenizer=tokenizer,
         tokenizer_dir=tokenizer_dir if tokenizer_dir is not None else src_dir,
         max_shard_size=max_shard_size,
-        extra=lambda staging: write_lineage_file(staging, lineage),
+        lineage=lineage,
     )
     return ExportResult(path=out_dir, format=fmt)

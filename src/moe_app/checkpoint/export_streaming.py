@@ -53,7 +53,7 @@ from moe_app.checkpoint.model_dir import (
 )
 from moe_app.checkpoint.names import SPEC_FILE
 from moe_app.checkpoint.pesc import is_pesc_adapter_dir
-from moe_app.checkpoint.pretrained import lineage_plus, read_lineage, write_lineage_file
+from moe_app.checkpoint.pretrained import lineage_plus, read_lineage
 from moe_app.checkpoint.safetensors_io import StoredTensor, TensorInfo, read_header
 from moe_app.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, checkpoint_dtype, shard_files
 from moe_app.checkpoint.spec_file import read_spec
@@ -201,6 +201,6 @@ def export_checkpoint_streaming(
         tokenizer=tokenizer,
         tokenizer_dir=tokenizer_dir if tokenizer_dir is not None else src,
         max_shard_size=max_shard_size,
-        extra=lambda staging: write_lineage_file(staging, lineage),
+        lineage=lineage,
     )
     return ExportResult(path=out, format=fmt)

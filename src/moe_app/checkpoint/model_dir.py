@@ -29,6 +29,7 @@ from torch import nn
 from moe_app.checkpoint.hub import copy_tokenizer_files, load_hf_causal_lm, resolve_dtype
 from moe_app.checkpoint.names import CONFIG_FILE, SPEC_FILE
 from moe_app.checkpoint.pesc import is_pesc_adapter_dir, load_pesc_model
+from moe_app.checkpoint.pretrained import write_lineage_file
 from moe_app.checkpoint.shards import (
     DEFAULT_MAX_SHARD_SIZE,
     ShardWriter,
@@ -126,6 +127,7 @@ def write_model_dir(
     tokenizer: Any = None,
     tokenizer_dir: str | Path | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    lineage: list[dict[str, Any]] | None = None,
     extra: Callable[[Path], Any] | None = None,
 ) -> Path:
     """An HF-style model directory, written atomically; returns its path.
@@ -133,7 +135,9 @@ def write_model_dir(
     ``config.json``, the generation config (a bad one is skipped, not fatal), sharded safetensors
     of ``tensors`` (pairs, or a function that fills the shard writer itself: the streaming
     conversion, which reserves room before each layer's experts), the tokenizer (``save_pretrained``, or the files copied from
-    ``tokenizer_dir``), then ``extra(staging_dir)`` for files of the caller's own (``moe_app.json``).
+    ``tokenizer_dir``), the ``lineage`` of a plain (stock) dir in ``moe_app_lineage.json`` (a moe-app
+    dir keeps its lineage in ``moe_app.json`` instead), then ``extra(staging_dir)`` for files of the
+    caller's own (``moe_app.json``).
     """
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
@@ -152,6 +156,8 @@ def write_model_dir(
             tokenizer.save_pretrained(tmp)
         elif tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
+        if lineage is not None:
+            write_lineage_file(tmp, lineage)
         if extra is not None:
             extra(tmp)
     return out_dir

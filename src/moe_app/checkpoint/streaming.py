@@ -51,7 +51,7 @@ from moe_app.checkpoint.export import (
 )
 from moe_app.checkpoint.hub import check_local_model_dir
 from moe_app.checkpoint.model_dir import unique_state_dict, write_model_dir
-from moe_app.checkpoint.pretrained import lineage_plus, read_lineage, write_lineage_file
+from moe_app.checkpoint.pretrained import lineage_plus, read_lineage
 from moe_app.checkpoint.safetensors_io import StoredTensor, TensorInfo, read_header
 from moe_app.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, checkpoint_dtype, shard_files
 from moe_app.checkpoint.spec_file import write_spec
@@ -422,11 +422,6 @@ def upcycle_to_stock_streaming(
 
     written: set[str] = set()
     lineage = lineage_plus(read_lineage(plan.src), "upcycle", {**cfg.to_dict(), "format": fmt})
-
-    def finish(staging: Path) -> None:  # after the shards are complete, before the rename
-        _check_written(plan, set(expected), written)
-        write_lineage_file(staging, lineage)
-
     has_generation = (plan.src / "generation_config.json").is_file()
     write_model_dir(
         out_dir,
@@ -448,7 +443,8 @@ def upcycle_to_stock_streaming(
         generation_config=GenerationConfig.from_pretrained(str(plan.src)) if has_generation else None,
         tokenizer_dir=plan.src,
         max_shard_size=max_shard_size,
-        extra=finish,
+        lineage=lineage,
+        extra=lambda _staging: _check_written(plan, set(expected), written),
     )
     return StockUpcycleResult(path=Path(out_dir), format=fmt, moe_layers=sorted(a.moe))
 
