@@ -383,12 +383,18 @@ def claim_pruning(r: Runner, base: Path, seed: int, s: Settings) -> dict:
     return rows
 
 
-def claim_skipping(r: Runner, base: Path, seed: int, s: Settings) -> dict:
-    """Claim 5 (Lu et al. 2024): dynamic skipping of the second expert saves compute for a small
-    loss increase (calibrated on the enumeration-pruned model)."""
+def enumeration_pruned(r: Runner, base: Path, seed: int, s: Settings) -> Path:
+    """Claim 4's enumeration-pruned run of ``seed`` (made, with the other methods, if missing)."""
     pruned = seed_dir(base, seed) / "prune-enumerate"
     if not (pruned / "test" / "test_results.json").exists():
         claim_pruning(r, base, seed, s)
+    return pruned
+
+
+def claim_skipping(r: Runner, base: Path, seed: int, s: Settings) -> dict:
+    """Claim 5 (Lu et al. 2024): dynamic skipping of the second expert saves compute for a small
+    loss increase (calibrated on the enumeration-pruned model)."""
+    pruned = enumeration_pruned(r, base, seed, s)
     d = seed_dir(base, seed) / "skip"
     rep = prune(r, d, pruned / "model", seed, s, ["--skipping"])
     model = ["--model.init_args.source.pretrained", str(d / "model")]
@@ -405,41 +411,30 @@ def claim_skipping(r: Runner, base: Path, seed: int, s: Settings) -> dict:
     }
 
 
-COMPRESSION = {
-    # He et al. 2024 (arXiv 2406.02500): expert trimming and slimming, alone and combined, applied to
-    # the seed's dynamic-mixing model in one ``moe-app prune`` command each.
-    "wanda 0.5": ["--slim", "wanda", "--sparsity", "0.5"],
-    "2:4": ["--slim", "2:4"],
-    "keep r + wanda 0.5": ["--method", "enumerate", "--slim", "wanda", "--sparsity", "0.5"],
-    "keep r + layer drop 1": ["--method", "enumerate", "--layer_drop", "1"],
-    "block drop 1": ["--block_drop", "1"],
-}
+def compression_recipes(keep: int) -> dict[str, list[str]]:
+    """He et al. 2024 (arXiv 2406.02500): expert trimming and slimming, alone and combined, each one
+    ``moe-app prune`` command on the seed's dynamic-mixing model (``keep`` alone is claim 4's run)."""
+    by_enumeration = ["--keep", str(keep), "--method", "enumerate"]
+    return {
+        "wanda 0.5": ["--slim", "wanda", "--sparsity", "0.5"],
+        "2:4": ["--slim", "2:4"],
+        f"keep {keep} + wanda 0.5": [*by_enumeration, "--slim", "wanda", "--sparsity", "0.5"],
+        f"keep {keep} + layer drop 1": [*by_enumeration, "--layer_drop", "1"],
+        "block drop 1": ["--block_drop", "1"],
+    }
 
 
 def claim_compression(r: Runner, base: Path, seed: int, s: Settings) -> dict:
     """Claim 6 (He et al. 2024): what each compression recipe costs in test loss, against the
-    unpruned model and expert pruning alone (``keep r``: claim 4's enumeration run)."""
+    unpruned model and expert pruning alone (claim 4's enumeration run)."""
     tuned, ref = mixture_run(r, base, seed, s, "dynamic")
-    pruned = seed_dir(base, seed) / "prune-enumerate"
-    if not (pruned / "test" / "test_results.json").exists():
-        claim_pruning(r, base, seed, s)
-    keep_r = json.loads((pruned / "test" / "test_results.json").read_text())
-    rows = {"unpruned": {"loss": loss(ref), "delta": 0.0}, f"keep {s.keep}": {"loss": loss(keep_r)}}
-    for name, extra in COMPRESSION.items():
-        name = name.replace("keep r", f"keep {s.keep}")
-        if "--method" in extra:
-            extra = ["--keep", str(s.keep), *extra]
+    keep_r = json.loads((enumeration_pruned(r, base, seed, s) / "test" / "test_results.json").read_text())
+    rows = {"unpruned": {"loss": loss(ref)}, f"keep {s.keep}": {"loss": loss(keep_r)}}
+    for name, extra in compression_recipes(s.keep).items():
         d = seed_dir(base, seed) / ("compress-" + name.replace(" ", "_").replace(":", "-").replace("+", ""))
         prune(r, d, tuned, seed, s, extra)
-        res = test_only(
-            r,
-            d / "test",
-            "configs/tiny/mixture.yaml",
-            ["--model.init_args.source.pretrained", str(d / "model")],
-            seed,
-            s,
-        )
-        rows[name] = {"loss": loss(res)}
+        model = ["--model.init_args.source.pretrained", str(d / "model")]
+        rows[name] = {"loss": loss(test_only(r, d / "test", "configs/tiny/mixture.yaml", model, seed, s))}
     for row in rows.values():
         row["delta"] = row["loss"] - loss(ref)
     return rows
