@@ -33,12 +33,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_dense_source(path: Path, layers: int, hidden: int, ffn: int, vocab: int, shard: str) -> None:
-    """A seeded random dense LLaMA (head dim 64, 2 query heads per KV head) saved as safetensors shards."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def random_llama_config(layers: int, hidden: int, ffn: int, vocab: int, **extra):
+    """The benchmarks' dense LLaMA shape: head dim 64, 2 query heads per KV head, untied embeddings."""
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=ffn,
@@ -46,6 +45,15 @@ def make_dense_source(path: Path, layers: int, hidden: int, ffn: int, vocab: int
         num_attention_heads=hidden // 64,
         num_key_value_heads=hidden // 128,
         tie_word_embeddings=False,
+        **extra,
     )
+
+
+def make_dense_source(path: Path, layers: int, hidden: int, ffn: int, vocab: int, shard: str) -> None:
+    """A seeded random dense LLaMA (:func:`random_llama_config`) saved as safetensors shards."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = random_llama_config(layers, hidden, ffn, vocab)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path, max_shard_size=shard)

@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model
+from _common import cpu_model, random_llama_config
 
 MB = 1024**2
 GGUF = Path("~/.cache/moe_app/gguf/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
@@ -100,7 +100,7 @@ def smollm2_dir(work: Path) -> Path | None:
 def random_dir(work: Path, layers: int, hidden: int, ffn: int) -> Path:
     """A seeded random dense LLaMA in bf16, written tensor by tensor, with moe-app's built-in tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from moe_app.checkpoint.shards import ShardWriter
     from moe_app.core.data.tokenizer import suite_tokenizer
@@ -109,14 +109,11 @@ def random_dir(work: Path, layers: int, hidden: int, ffn: int) -> Path:
     if (out / "config.json").is_file():
         return out
     tok = suite_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 128,
-        tie_word_embeddings=False,
+    cfg = random_llama_config(
+        layers,
+        hidden,
+        ffn,
+        len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
