@@ -20,7 +20,9 @@ The FLOP ratio comes from the shapes: matmul multiply-adds per token of attentio
 attention scores over the average causal context, FFN / ``k`` experts plus the router, LM head.
 
 Method (DESIGN.md, "Performance method"): one process, dense and MoE interleaved (D, M, D, M, ...)
-after warm-up, median of the repeats, ratios from the same run.
+after warm-up, median of the repeats, ratios from the same run. Two estimates of the step ratio are
+printed: the ratio of the two medians, and the median of the per-repeat ratios (each MoE step over
+the dense step just before it), which a slow drift of the shared machine shifts less.
 
     python benchmarks/moe_train_step.py --tiny                     # seconds, synthetic shapes
     flock /work/notes/bigmem.lock python benchmarks/moe_train_step.py --model DIR_OR_GGUF
@@ -168,10 +170,13 @@ class Candidate:
     def median(self, phase: str) -> float:
         return statistics.median(self.times[phase])
 
-    def total(self, old: bool = False) -> float:
+    def step_totals(self, old: bool = False) -> list[float]:
+        """Each recorded step's time, phases summed."""
         opt = "optimizer_old" if old else "optimizer"
-        steps = zip(*(self.times[p] for p in (*PHASES[:3], opt)), strict=True)
-        return statistics.median(sum(s) for s in steps)
+        return [sum(s) for s in zip(*(self.times[p] for p in (*PHASES[:3], opt)), strict=True)]
+
+    def total(self, old: bool = False) -> float:
+        return statistics.median(self.step_totals(old))
 
 
 def profile_step(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor, rows: int) -> str:
@@ -267,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{sys_s:>11.3f}{flt:>12.0f}"
         )
     new_ratio = m.total() / d.total()
+    paired = statistics.median(a / b for a, b in zip(m.step_totals(), d.step_totals(), strict=True))
     print(f"{'total new':<15}{d.total():>9.3f}{m.total():>9.3f}{new_ratio:>10.2f}x")
     old_ratio = float("nan")
     if not args.no_old:
@@ -275,6 +281,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"FLOP ratio (shapes) {flop_ratio:.3f}; time ratio new {new_ratio:.2f}x -> time/FLOP "
         f"{new_ratio / flop_ratio:.2f} (target <= 1.25); old {old_ratio:.2f}x -> {old_ratio / flop_ratio:.2f}"
+    )
+    print(
+        f"median of the per-repeat ratios {paired:.2f}x -> time/FLOP {paired / flop_ratio:.2f} "
+        f"(each: {', '.join(f'{a / b:.2f}' for a, b in zip(m.step_totals(), d.step_totals(), strict=True))})"
     )
     print(f"peak RSS {peak_rss_mb():.0f} MB")
     for c in cands[: 0 if not args.profile else 2]:
@@ -288,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         "flop_ratio": flop_ratio,
         "time_ratio_new": new_ratio,
         "time_ratio_old": old_ratio,
+        "time_ratio_paired": paired,
         "median_s": {c.name: {ph: c.median(ph) for ph in c.times if c.times[ph]} for c in cands},
         "times_s": {c.name: c.times for c in cands},
         "minor_faults": {c.name: c.faults for c in cands},

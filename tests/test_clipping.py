@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from moe_app.core.utils.clipping import can_fold, clip_grad_norm_folded, release
+from moe_app.core.utils.clipping import can_fold, clip_grad_norm_folded, release, total_norm
 
 
 def _model() -> nn.Module:
@@ -50,9 +50,27 @@ def test_folded_clip_updates_like_clip_grad_norm_when_clipping():
 def test_folded_clip_is_bitwise_when_nothing_is_clipped():
     ref, ref_norms = _train(fold=False, max_norm=1e9)
     got, norms = _train(fold=True, max_norm=1e9)
-    assert norms == ref_norms
+    assert_close(torch.tensor(norms), torch.tensor(ref_norms))  # summed in another order
     for a, b in zip(got.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_total_norm_is_closer_to_the_exact_norm_than_torchs():
+    """Dot products over 1M-element chunks summed in float64: on a 12M-element gradient the norm is
+    within 1e-5 of the float64 one (torch's vector_norm is off by 4.7e-4 there)."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 1536, 2048, generator=gen) * 3, torch.randn(577, generator=gen), torch.zeros(0)]
+    exact = sum(g.double().pow(2).sum() for g in grads).sqrt()
+    got = total_norm(grads)
+    assert got.dtype == torch.float32 and got.shape == ()
+    err = abs(float(got) / float(exact) - 1)
+    assert err < 1e-5
+    assert abs(float(torch.nn.utils.get_total_norm(grads, 2.0)) / float(exact) - 1) > 10 * err
+    # Anything but dense fp32/fp64 CPU tensors is left to torch: the same number, bit for bit.
+    half = [g.to(torch.bfloat16) for g in grads[:2]]
+    assert torch.equal(total_norm(half), torch.nn.utils.get_total_norm(half, 2.0, foreach=True))
+    strided = [grads[0].transpose(0, 2)]
+    assert torch.equal(total_norm(strided), torch.nn.utils.get_total_norm(strided, 2.0, foreach=True))
 
 
 def test_fold_only_where_the_fused_kernel_owns_the_scale():

@@ -8,10 +8,16 @@ the dense model's whole optimizer step. torch's fused Adam/AdamW kernels already
 ``grad_scale`` tensor (what AMP's ``GradScaler`` uses to unscale) and divide every gradient by it
 as they read it; handing them ``1 / coefficient`` applies the clip inside the update's own pass.
 
+The norm pass itself (:func:`total_norm`) reads every gradient once with BLAS dot products over
+1M-element chunks, summed in float64. On CPU that is both faster and more accurate than the
+``torch.linalg.vector_norm`` reduction of ``clip_grad_norm_``: over the gradients of 8 layers of
+SmolLM2 copied to 8 experts (205M elements), 0.73-0.80x its time, and a relative error of
+1.4e-6 against 4.5e-4 (float64 reference; ``benchmarks/grad_norm.py``).
+
 Numerics: each gradient becomes ``g / (1 / c)`` instead of ``g * c``: the same to within one
-rounding of the coefficient (relative 1e-7), and bit for bit the same when nothing is clipped
-(``c = 1``). The fold is used only where it is safe (:func:`can_fold`); anything else, e.g. an AMP
-loss scaler that owns ``grad_scale``, keeps ``clip_grad_norm_``.
+rounding of the coefficient and of the norm, and bit for bit the same update when nothing is
+clipped (``c = 1``). The fold is used only where it is safe (:func:`can_fold`); anything else, e.g.
+an AMP loss scaler that owns ``grad_scale``, keeps ``clip_grad_norm_``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,29 @@ import torch
 from torch import Tensor
 
 _EPS = 1e-6  # clip_grad_norm_'s own: coefficient = max_norm / (total_norm + 1e-6)
+_CHUNK = 1 << 20  # elements per dot product: short enough that fp32 accumulation stays exact-ish
+
+
+def total_norm(grads: list[Tensor]) -> Tensor:
+    """The 2-norm of all ``grads`` taken together, as a float32 scalar.
+
+    Dense fp32/fp64 CPU tensors take the dot-product path (see the module docstring); anything else
+    (DTensor shards under FSDP, GPU or low-precision gradients) goes to torch's ``get_total_norm``.
+    """
+    if not all(_dot_friendly(g) for g in grads):
+        return torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    parts = [torch.dot(c, c) for g in grads for c in g.view(-1).split(_CHUNK)]
+    return torch.stack(parts).sum(dtype=torch.float64).sqrt().to(torch.float32)
+
+
+def _dot_friendly(g: Tensor) -> bool:
+    return (
+        type(g) is torch.Tensor
+        and g.device.type == "cpu"
+        and g.layout == torch.strided
+        and g.dtype in (torch.float32, torch.float64)
+        and g.is_contiguous()
+    )
 
 
 def can_fold(optimizer: torch.optim.Optimizer) -> bool:
@@ -49,7 +78,7 @@ def clip_grad_norm_folded(
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    total = total_norm(grads)
     coef = torch.clamp(max_norm / (total + _EPS), max=1.0)
     optimizer.grad_scale = coef.reciprocal().to(torch.float32)  # type: ignore[attr-defined]
     return total
@@ -60,4 +89,4 @@ def release(optimizer: torch.optim.Optimizer) -> None:
     optimizer.__dict__.pop("grad_scale", None)
 
 
-__all__ = ["can_fold", "clip_grad_norm_folded", "release"]
+__all__ = ["can_fold", "clip_grad_norm_folded", "release", "total_norm"]
