@@ -66,9 +66,10 @@ def test_total_norm_is_closer_to_the_exact_norm_than_torchs():
     err = abs(float(got) / float(exact) - 1)
     assert err < 1e-5
     assert abs(float(torch.nn.utils.get_total_norm(grads, 2.0)) / float(exact) - 1) > 10 * err
-    # Anything but dense fp32/fp64 CPU tensors is left to torch: the same number, bit for bit.
-    half = [g.to(torch.bfloat16) for g in grads[:2]]
-    assert torch.equal(total_norm(half), torch.nn.utils.get_total_norm(half, 2.0, foreach=True))
+    # Anything but dense fp32 CPU tensors is left to torch: the same number, bit for bit.
+    for dtype in (torch.bfloat16, torch.float64):
+        other = [g.to(dtype) for g in grads[:2]]
+        assert torch.equal(total_norm(other), torch.nn.utils.get_total_norm(other, 2.0, foreach=True))
     strided = [grads[0].transpose(0, 2)]
     assert torch.equal(total_norm(strided), torch.nn.utils.get_total_norm(strided, 2.0, foreach=True))
 
