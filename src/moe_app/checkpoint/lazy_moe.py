@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from moe_app.checkpoint.hub import resolve_dtype
-from moe_app.checkpoint.lazy_dense import Fetch, read_tensors, tensor_files
+from moe_app.checkpoint.lazy_dense import Fetch, read_tensors
 from moe_app.checkpoint.model_dir import build_empty_model, is_moe_checkpoint, unique_state_dict
 from moe_app.checkpoint.names import CONFIG_FILE, GENERATION_CONFIG_FILE
 from moe_app.checkpoint.pesc import is_pesc_adapter_dir
+from moe_app.checkpoint.safetensors_io import read_header
 from moe_app.checkpoint.shards import checkpoint_dtype, shard_files
 from moe_app.checkpoint.spec_file import read_spec
 from moe_app.core.utils.weights import params_on_meta
@@ -43,9 +43,10 @@ def lazy_moe_model(
     if not (p / CONFIG_FILE).is_file() or not is_moe_checkpoint(p) or is_pesc_adapter_dir(p):
         return None
     try:
-        where = tensor_files(shard_files(p))
+        stored = {k: v for f in shard_files(p) for k, v in read_header(f)[0].items()}  # headers only
     except CheckpointError:
         return None
+    where = {k: v.path for k, v in stored.items()}
     resolved = resolve_dtype(dtype)
     if resolved in (None, "auto"):
         resolved = checkpoint_dtype(p) or torch.float32
@@ -56,8 +57,7 @@ def lazy_moe_model(
     with torch.device("meta"):
         model = build_empty_model(config, read_spec(p), resolved, trust_remote_code)
     expected = unique_state_dict(model)
-    shapes = _file_shapes(set(where.values()))
-    if set(where) != set(expected) or any(shapes[k] != list(v.shape) for k, v in expected.items()):
+    if set(stored) != set(expected) or any(stored[k].info.shape != v.shape for k, v in expected.items()):
         return None
     buffers = dict(model.named_buffers())
     values = read_tensors(where, [k for k in expected if k in buffers], lambda k: buffers[k].dtype)
@@ -87,16 +87,6 @@ def _computed_buffers(config, dtype: torch.dtype, trust_remote_code: bool) -> di
     with params_on_meta(), no_init_weights():
         base = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     return dict(base.named_buffers())
-
-
-def _file_shapes(files: set[Path]) -> dict[str, list[int]]:
-    """Every tensor's shape, from the files' headers only."""
-    shapes: dict[str, list[int]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            keys = h.keys()
-            shapes.update((k, list(h.get_slice(k).get_shape())) for k in keys)
-    return shapes
 
 
 __all__ = ["lazy_moe_model"]

@@ -204,11 +204,11 @@ class PostTrainModule(MoeLMModule):
         from moe_app.checkpoint.lazy_moe import lazy_moe_model
         from moe_app.core.utils.weights import FetchedWeights
 
-        self._check_init_from()
         src = self.source
         lazy = lazy_moe_model(self.init_from, src.torch_dtype, src.trust_remote_code)
         if lazy is None:
-            return super().build_weight_source()
+            return super().build_weight_source()  # build_model checks init_from
+        self._check_init_from()
         model, fetch = lazy
         self._check_source(model)
         self._apply_freezing(model)
