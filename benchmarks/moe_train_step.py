@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{sys_s:>11.3f}{flt:>12.0f}"
         )
     new_ratio = m.total() / d.total()
-    paired = statistics.median(a / b for a, b in zip(m.step_totals(), d.step_totals(), strict=True))
+    per_repeat = [a / b for a, b in zip(m.step_totals(), d.step_totals(), strict=True)]
+    paired = statistics.median(per_repeat)
     print(f"{'total new':<15}{d.total():>9.3f}{m.total():>9.3f}{new_ratio:>10.2f}x")
     old_ratio = float("nan")
     if not args.no_old:
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(
         f"median of the per-repeat ratios {paired:.2f}x -> time/FLOP {paired / flop_ratio:.2f} "
-        f"(each: {', '.join(f'{a / b:.2f}' for a, b in zip(m.step_totals(), d.step_totals(), strict=True))})"
+        f"(each: {', '.join(f'{r:.2f}' for r in per_repeat)})"
     )
     print(f"peak RSS {peak_rss_mb():.0f} MB")
     for c in cands[: 0 if not args.profile else 2]:
