@@ -10,7 +10,7 @@ with seeded Gaussian noise of a different scale per tensor; the error is against
 Method (DESIGN.md, "Performance method"): the two in alternation in one process, median of the
 repeats, ratio from the same run.
 
-    python benchmarks/grad_norm.py                 # 8 layers (0.74 GB of gradients), ~20 s
+    python benchmarks/grad_norm.py                 # 8 layers (0.82 GB of gradients), ~20 s
     python benchmarks/grad_norm.py --layers 30     # the whole model (2.8 GB)
 """
 
