@@ -13,6 +13,11 @@ the medians, checkpoint size / streamed peak RSS (the claim: >= 4) and in-memory
 The two outputs are then compared tensor by tensor (same kept experts, bitwise equal weights), and the
 streamed output is loaded in stock transformers (a forward pass, ``num_local_experts == 6``).
 
+``--block-drop N`` / ``--layer-drop N`` / ``--slim wanda|sparsegpt|2:4 [--sparsity S]`` add He et
+al.'s block drop, layer drop and expert slimming to the same job: the streamed path then writes the
+expert-pruned model to a temporary checkpoint, scores the blocks and the MoE sublayers in passes of
+their own, and slims and writes the result in a last pass, each pass one decoder layer at a time.
+
 Run it under the shared memory lock (the in-memory baseline needs ~2x the checkpoint):
 
     flock /work/notes/bigmem.lock python benchmarks/prune_streamed.py          # ~5-10 min on 2 CPUs
@@ -90,23 +95,28 @@ def make_mixtral(path: Path, layers: int, hidden: int, ffn: int, experts: int, v
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def child(mode: str, src: str, out: str, keep: int, budget: str, samples: int, length: int) -> None:
+def child(args: argparse.Namespace) -> None:
     import torch  # noqa: F401  (imports are part of the baseline)
     import transformers  # noqa: F401
 
     from moe_app.checkpoint.pruning import PruneJob, prune_checkpoint
     from moe_app.core.pruning import CalibrationConfig, ExpertPruneConfig
+    from moe_app.core.pruning.slim import SlimConfig
 
     baseline = rss_mb()
     job = PruneJob(
-        experts=ExpertPruneConfig(keep=keep, method="enumerate"),
-        calibration=CalibrationConfig(data="builtin", num_samples=samples, max_length=length, batch_size=4),
+        experts=ExpertPruneConfig(keep=args.keep, method="enumerate"),
+        block_drop=args.block_drop,
+        layer_drop=args.layer_drop,
+        slim=SlimConfig(method=args.slim, sparsity=args.sparsity) if args.slim else None,
+        calibration=CalibrationConfig(
+            data="builtin", num_samples=args.samples, max_length=args.length, batch_size=4
+        ),
         eval_before_after=False,
     )
     t0 = time.perf_counter()
-    report = prune_checkpoint(
-        src, out, job, streaming="auto" if mode == "streamed" else "off", memory_budget=budget
-    )
+    streaming = "auto" if args.child == "streamed" else "off"
+    report = prune_checkpoint(args.src, args.out, job, streaming=streaming, memory_budget=args.budget)
     seconds = time.perf_counter() - t0
     print(
         json.dumps(
@@ -116,6 +126,7 @@ def child(mode: str, src: str, out: str, keep: int, budget: str, samples: int, l
                 "seconds": seconds,
                 "mode": report.get("mode", "in-memory"),
                 "kept": report["experts"]["kept"],
+                "dropped": [report.get(k, {}).get("dropped") for k in ("block_drop", "layer_drop")],
             }
         )
     )
@@ -125,6 +136,9 @@ def run_child(mode: str, args: argparse.Namespace, src: Path, out: Path) -> dict
     cmd = [sys.executable, __file__, "--child", mode, "--src", str(src), "--out", str(out)]
     cmd += ["--keep", str(args.keep), "--budget", args.budget]
     cmd += ["--samples", str(args.samples), "--length", str(args.length)]
+    cmd += ["--block-drop", str(args.block_drop), "--layer-drop", str(args.layer_drop)]
+    if args.slim:
+        cmd += ["--slim", args.slim] + (["--sparsity", str(args.sparsity)] if args.sparsity else [])
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"{mode} child failed:\n{res.stderr[-3000:]}")
@@ -175,6 +189,10 @@ def main() -> None:
     p.add_argument("--ffn", type=int, default=1536, help="expert width")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--keep", type=int, default=6)
+    p.add_argument("--block-drop", type=int, default=0, help="also delete N decoder blocks (He et al.)")
+    p.add_argument("--layer-drop", type=int, default=0, help="also drop N MoE sublayers (He et al.)")
+    p.add_argument("--slim", default=None, help="also slim the experts: wanda, sparsegpt or 2:4")
+    p.add_argument("--sparsity", type=float, default=None, help="--slim wanda/sparsegpt: fraction zeroed")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument(
         "--budget", default="1GB", help="memory budget (--memory_budget); the checkpoint exceeds it"
@@ -191,7 +209,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.src, args.out, args.keep, args.budget, args.samples, args.length)
+        child(args)
         return
 
     work = Path(tempfile.mkdtemp(prefix="prune-streamed-", dir=args.work))
@@ -203,8 +221,11 @@ def main() -> None:
         print(
             f"random Mixtral: {args.layers} layers, hidden {args.hidden}, {args.experts} experts of width "
             f"{args.ffn}, bf16: {size / 1e9:.2f} GB on disk (written in {time.perf_counter() - t0:.0f} s, "
-            f"generator peak RSS {peak_rss_mb():.0f} MB); prune to r = {args.keep} by enumeration, "
-            f"memory budget {args.budget}"
+            f"generator peak RSS {peak_rss_mb():.0f} MB); prune to r = {args.keep} by enumeration"
+            + (f", block drop {args.block_drop}" if args.block_drop else "")
+            + (f", layer drop {args.layer_drop}" if args.layer_drop else "")
+            + (f", slim {args.slim} {args.sparsity or ''}" if args.slim else "")
+            + f", memory budget {args.budget}"
         )
         runs: dict[str, list[dict]] = {"streamed": [], "in-memory": []}
         modes = ["streamed", "in-memory"] if args.compare else ["streamed"]
@@ -233,6 +254,10 @@ def main() -> None:
             same = s[-1]["kept"] == m[-1]["kept"]
             n, bad = same_tensors(work / f"streamed-{last}", work / f"in-memory-{last}")
             print(f"same kept experts: {same}; output tensors bitwise equal: {n - bad}/{n}")
+            if args.block_drop or args.layer_drop:
+                print(
+                    f"dropped blocks / MoE sublayers: streamed {s[-1]['dropped']}, in-memory {m[-1]['dropped']}"
+                )
             shutil.rmtree(work / f"in-memory-{last}")
         experts, finite = reload_check(work / f"streamed-{last}").split()
         print(

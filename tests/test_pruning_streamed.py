@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from moe_app.checkpoint.prune_streaming import prune_checkpoint_streaming, strea
 from moe_app.checkpoint.pruning import PruneJob, prune_checkpoint
 from moe_app.cli.main import main
 from moe_app.core.pruning import CalibrationConfig, ExpertPruneConfig, moe_layer_views
+from moe_app.core.pruning.slim import SlimConfig
 from moe_app.core.spec import SPEC_FILE
 from moe_app.core.upcycling import UpcycleConfig
 from moe_app.errors import MoeAppError
@@ -147,15 +149,130 @@ def test_streamed_moe_app_checkpoint_with_skipping_equals_in_memory(moe_dir, tmp
     assert spec_b["lineage"][-1]["stage"] == "prune"
 
 
-def test_streaming_refusals_name_the_option_and_write_nothing(moe_dir, tmp_path):
+def _same_result(a: dict, b: dict, mem: Path, out: Path, tok, load) -> None:
+    """The streamed run's report, output tensors and logits are the in-memory run's, exactly."""
+    from safetensors.torch import load_file
+
+    assert list(b) == [*a, "mode"]  # the same report, in the same order
+    for key in a:
+        if key != "out":
+            assert b[key] == a[key], key
+    streamed, ref = load(out), load(mem)
+    with torch.no_grad():
+        assert_close(streamed(input_ids=_ids(tok)).logits, ref(input_ids=_ids(tok)).logits, rtol=0, atol=0)
+    ta = {k: v for f in sorted(mem.glob("*.safetensors")) for k, v in load_file(f).items()}
+    tb = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert sorted(tb) == sorted(ta)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def test_streamed_expert_pruning_drops_slimming_and_skipping_equal_in_memory(tmp_path, tok):
+    """--keep, --block_drop, --layer_drop, --slim and --skipping in one job on a 4-layer moe-app
+    checkpoint, hidden states on disk: the experts go to a temporary checkpoint first, each drop is
+    scored in a pass of its own, the last pass slims and calibrates; same scores, same dropped block
+    and MLP, same zeros, same tensors, spec and logits."""
+    dense = build(tiny_llama_config(vocab_size=len(tok), num_hidden_layers=4))
+    moe = upcycled(dense, UpcycleConfig(method="noise", num_experts=6, top_k=2, noise_std=0.5))
+    src = save_moe_checkpoint(moe, tmp_path / "src", tokenizer=tok)
+    job = PruneJob(
+        experts=ExpertPruneConfig(keep=4, method="frequency"),
+        block_drop=1,
+        layer_drop=1,
+        slim=SlimConfig(method="wanda", sparsity=0.5),
+        skipping=True,
+        calibration=CALIB,
+    )
+    a, b, mem, out = _pair(src, tmp_path, job, activation_budget=0)
+    assert len(b["block_drop"]["scores"]) == 4 and len(b["layer_drop"]["scores"]) == 3
+    assert len(b["slim"]["layers"]) == 2 and b["slim"]["expert_sparsity"] == pytest.approx(0.5, abs=0.01)
+    _same_result(a, b, mem, out, tok, moe_app.load_model)
+    spec_a, spec_b = (json.loads((d / SPEC_FILE).read_text()) for d in (mem, out))
+    for key in ("layers", "skipping", "pruning"):
+        assert spec_b[key] == spec_a[key], key
+    assert [s["stage"] for s in spec_b["lineage"]] == [s["stage"] for s in spec_a["lineage"]]
+    assert sum(lay.get("mlp_dropped", False) for lay in spec_b["layers"]) == 1
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in-memory", "src", "streamed"]  # scratch gone
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_streamed_block_and_layer_drop_of_stock_checkpoints_equal_in_memory(tmp_path, tok, kind):
+    """Stock layouts: kept layers renamed under their new index (Qwen2-MoE's sparse-layer pattern
+    renumbered), the dropped MoE sublayer zeroed through its norm; reloads in stock transformers."""
+    from transformers import AutoModelForCausalLM
+
+    src = _save_stock(kind, tmp_path / "src", tok, num_hidden_layers=4)
+    job = PruneJob(block_drop=1, layer_drop=1, calibration=CALIB)
+    a, b, mem, out = _pair(src, tmp_path, job)
+    assert b["kind"] == "hf" and len(b["layer_drop"]["scores"]) == 3
+    _same_result(a, b, mem, out, tok, lambda d: AutoModelForCausalLM.from_pretrained(d).eval())
+    cfg_a, cfg_b = (json.loads((d / "config.json").read_text()) for d in (mem, out))
+    assert cfg_b["num_hidden_layers"] == cfg_a["num_hidden_layers"] == 3
+    if kind == "qwen2_moe":
+        assert (cfg_b["mlp_only_layers"], cfg_b["decoder_sparse_step"]) == (cfg_a["mlp_only_layers"], 1)
+    lineage = json.loads((out / "moe_app_lineage.json").read_text())["lineage"]
+    assert [s["stage"] for s in lineage] == ["prune"]
+
+
+@pytest.mark.parametrize(
+    ("method", "experts"),
+    [("2:4", ExpertPruneConfig(keep=4, method="reap", progressive=True)), ("sparsegpt", None)],
+    ids=["progressive-reap+2:4", "sparsegpt-only"],
+)
+def test_streamed_slimming_in_one_pass_equals_in_memory(moe_dir, tmp_path, tok, method, experts):
+    """Without drops, one pass prunes, slims and calibrates each layer: progressive pruning reads
+    the states through the pruned layers *before* slimming (as in memory, where every layer is
+    pruned before any is slimmed), slimming through the slimmed ones."""
+    cfg = SlimConfig(method=method, sparsity=0.5 if method == "sparsegpt" else None)
+    job = PruneJob(experts=experts, slim=cfg, skipping=True, calibration=CALIB)
+    a, b, mem, out = _pair(moe_dir, tmp_path, job, activation_budget=0)
+    assert b["slim"]["expert_sparsity"] == pytest.approx(0.5, abs=0.01)
+    _same_result(a, b, mem, out, tok, moe_app.load_model)
+    spec_a, spec_b = (json.loads((d / SPEC_FILE).read_text()) for d in (mem, out))
+    assert spec_b["skipping"] == spec_a["skipping"] and spec_b["pruning"] == spec_a["pruning"]
+
+
+def test_streamed_slimming_of_a_stock_mixtral_equals_in_memory(tmp_path, tok):
+    from transformers import AutoModelForCausalLM
+
+    src = _save_stock("mixtral", tmp_path / "src", tok)
+    job = PruneJob(slim=SlimConfig(method="wanda", sparsity=0.25), calibration=CALIB)
+    a, b, mem, out = _pair(src, tmp_path, job)
+    assert b["slim"]["expert_sparsity"] == pytest.approx(0.25, abs=0.01)
+    _same_result(a, b, mem, out, tok, lambda d: AutoModelForCausalLM.from_pretrained(d).eval())
+
+
+def test_streamed_global_expert_drop_equals_in_memory(tmp_path, tok):
+    """He et al.'s global expert drop keeps different counts per layer: the scores of every layer
+    come from a pass of their own over the original model, then one pass prunes each layer to its
+    count; with progressive pruning and skipping on top."""
+    dense = build(tiny_llama_config(vocab_size=len(tok), num_hidden_layers=4))
+    torch.manual_seed(1)
+    moe = upcycled(dense, UpcycleConfig(method="noise", num_experts=6, top_k=2, noise_std=0.5))
+    with torch.no_grad():
+        for _, view in moe_layer_views(moe):
+            view.router_weight.normal_(0.0, 2.0)  # uneven routers: the global ranking is uneven too
+    src = save_moe_checkpoint(moe, tmp_path / "src", tokenizer=tok)
+    cfg = ExpertPruneConfig(keep=3, method="expert_drop", scope="global", progressive=True)
+    job = PruneJob(experts=cfg, skipping=True, calibration=CALIB)
+    a, b, mem, out = _pair(src, tmp_path, job)
+    kept = [len(k) for k in b["experts"]["kept"].values()]
+    assert sum(kept) == 4 * 3 and len(set(kept)) > 1  # 12 experts in all, unevenly spread
+    _same_result(a, b, mem, out, tok, moe_app.load_model)
+
+
+def test_streaming_refusals_name_the_option_and_write_nothing(moe_dir, tmp_path, tok):
     out = tmp_path / "out"
-    job = PruneJob(experts=ExpertPruneConfig(keep=4), block_drop=1, calibration=CALIB)
-    with pytest.raises(MoeAppError, match="--block_drop scores every decoder block"):
+    job = PruneJob(experts=ExpertPruneConfig(keep=4), quantize="nf4", calibration=CALIB)
+    with pytest.raises(MoeAppError, match="--quantize is not supported by the layer-streamed path yet"):
         prune_checkpoint(moe_dir, out, job, streaming="on")
     job = PruneJob(experts=ExpertPruneConfig(keep=4, method="expert_drop", scope="global"), calibration=CALIB)
-    assert streaming_problems(job) == [
-        "global expert drop ranks the experts of every layer before pruning any"
-    ]
+    assert streaming_problems(job) == []
+    stock = _save_stock("mixtral", tmp_path / "stock", tok)
+    with pytest.raises(MoeAppError, match="stock transformers configs cannot hold"):
+        prune_checkpoint(stock, out, job, streaming="on")  # refused before any pass
+    shutil.rmtree(stock)
     with pytest.raises(MoeAppError, match="nothing to prune"):  # the in-memory path's own checks hold
         prune_checkpoint(
             moe_dir, out, PruneJob(experts=ExpertPruneConfig(keep=6), calibration=CALIB), streaming="on"
@@ -193,8 +310,8 @@ def test_auto_streams_above_the_memory_budget_and_cli_flag(moe_dir, tmp_path, ca
     ]
     assert main(args) == 0
     assert "moe-app checkpoint, streaming" in capsys.readouterr().out
-    assert main([*args[:-1], "on", "--out", str(tmp_path / "d"), "--layer_drop", "1"]) == 2
-    assert "--layer_drop scores every MoE sublayer" in capsys.readouterr().err
+    assert main([*args[:-1], "on", "--out", str(tmp_path / "d"), "--quantize", "nf4"]) == 2
+    assert "--quantize is not supported by the layer-streamed path yet" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 

@@ -26,9 +26,25 @@ on load: each layer is fused the same way when read and split again, experts ren
 written. Peak memory is about one decoder layer plus one output shard plus the calibration
 activations (``benchmarks/prune_streamed.py``), and the output is written atomically.
 
-What the streamed path cannot do yet is refused up front (:func:`streaming_problems`): block and
-layer drop score every layer before removing any, and global expert drop ranks experts across
-layers; ``--streaming auto`` then prunes in memory.
+Block drop and layer drop (He et al. 2024, arXiv 2406.02500) score every layer before removing
+any, so they take passes of their own, in :func:`~moe_app.checkpoint.pruning.run_job`'s order: the
+experts are pruned first into a temporary checkpoint next to ``--out`` (when ``--keep`` is given
+too); a scoring pass over it carries the hidden states through every block and accumulates the same
+cosines as :func:`~moe_app.core.pruning.drop.block_drop_scores` (hooks shared with it); the chosen
+blocks are deleted from the ``meta`` model (config and spec renumbered by the in-memory
+:func:`~moe_app.core.pruning.drop.drop_blocks`), and each kept layer is read under its old name and
+written under its new one; layer drop is scored the same way over the blocks that are left, then
+applied to the ``meta`` model (moe-app: the MLP removed) or, on a stock checkpoint, by zeroing the
+MoE sublayer's norm as each layer is read. The last pass slims the experts (``--slim``: each MoE
+layer from its block inputs through the layers already slimmed, what
+:func:`~moe_app.core.pruning.slim.slim_experts` recomputes in memory), calibrates skipping, measures
+the loss after and writes the output. Each pass holds one decoder layer.
+
+Global expert drop (``scope="global"``) ranks the experts of every layer before pruning any: its
+scores come from a pass of their own over the original model, and the pruning pass then keeps each
+layer's count. What the streamed path cannot do is refused up front (:func:`streaming_problems`):
+``--quantize`` goes through transformers' bitsandbytes loader with the whole model; ``--streaming
+auto`` then prunes in memory.
 """
 
 from __future__ import annotations
@@ -39,7 +55,7 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,15 +89,27 @@ from moe_app.checkpoint.spec_file import read_spec, write_spec
 from moe_app.checkpoint.streaming import StreamingUnsupported
 from moe_app.core.models.views import MoeLayerView, moe_layer_views, view_of
 from moe_app.core.pruning.calibration import calibration_batches, normalize_batches, num_tokens
+from moe_app.core.pruning.drop import (
+    block_drop_hook,
+    drop_blocks,
+    drop_mlp_layers,
+    layer_drop_hooks,
+    mean_scores,
+    most_similar,
+    zero_mlp_norm,
+)
 from moe_app.core.pruning.experts import (
     LayerPruneResult,
     PruneReport,
+    check_global_scope,
     prune_layer,
     record_pruning,
     sync_expert_count,
 )
 from moe_app.core.pruning.layerwise import LayerRunner, block_inputs, record_block_io
+from moe_app.core.pruning.saliency import global_keep_counts, saliency_scores
 from moe_app.core.pruning.skipping import weight_ratios
+from moe_app.core.pruning.slim import LayerSlimResult, SlimReport, slim_layer
 from moe_app.core.spec import spec_of, utc_now
 from moe_app.core.utils.progress import progress
 from moe_app.errors import CheckpointError, ConfigError, UnsupportedModelError
@@ -89,10 +117,14 @@ from moe_app.errors import CheckpointError, ConfigError, UnsupportedModelError
 logger = logging.getLogger("moe_app.core.pruning")
 
 STREAMING_MODES = ("auto", "on", "off")
-_SUPPORTED_FIELDS = {"experts", "skipping", "calibration", "eval_before_after"}
-_WHY_NOT = {
-    "block_drop": "--block_drop scores every decoder block before deleting any (not layer by layer yet)",
-    "layer_drop": "--layer_drop scores every MoE sublayer before dropping any (not layer by layer yet)",
+_SUPPORTED_FIELDS = {
+    "experts",
+    "block_drop",
+    "layer_drop",
+    "slim",
+    "skipping",
+    "calibration",
+    "eval_before_after",
 }
 
 
@@ -112,11 +144,7 @@ def streaming_problems(job: PruneJob) -> list[str]:
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
         if getattr(job, f.name) != default:
-            problems.append(
-                _WHY_NOT.get(f.name, f"--{f.name} is not supported by the layer-streamed path yet")
-            )
-    if job.experts is not None and job.experts.scope == "global":
-        problems.append("global expert drop ranks the experts of every layer before pruning any")
+            problems.append(f"--{f.name} is not supported by the layer-streamed path yet")
     return problems
 
 
@@ -257,6 +285,10 @@ class _Plan:
     layouts: list[LayerLayout]
     outside: list[str]
     moe: dict[int, MoeLayerView] = field(default_factory=dict)
+    out_layouts: list[LayerLayout] | None = None
+    """Where each layer is written, when not where it was read (blocks deleted: layers renumbered)."""
+    zero_norm: set[int] = field(default_factory=set)
+    """Stock layers whose MoE sublayer is dropped by zeroing its norm as the layer is read."""
 
 
 def _read(plan: _Plan, key: str) -> Tensor:
@@ -433,7 +465,39 @@ def _materialise_layer(plan: _Plan, i: int) -> nn.Module:
             f"layer {i} holds tensors that are not in the checkpoint ({meta[:4]})",
             fix="prune in memory (--streaming off)",
         )
+    if i in plan.zero_norm:
+        with torch.no_grad():
+            zero_mlp_norm(layer, f"{plan.runner.path}.{i}")
     return layer
+
+
+def _renumbered(lay: LayerLayout, index: int, prefix: str) -> LayerLayout:
+    """``lay`` with its on-disk keys moved to layer ``index`` (``prefix``: ``model.layers.{index}.``)."""
+    direct = {name: prefix + key[len(lay.prefix) :] for name, key in lay.direct.items()}
+    return LayerLayout(prefix, direct, lay.keymap, index, lay.num_experts)
+
+
+def _delete_blocks(plan: _Plan, drop: list[int]) -> None:
+    """Delete blocks ``drop`` from the ``meta`` model as in memory; the kept layers are still read
+    under their old names and will be written under their new ones."""
+    written = plan.out_layouts or plan.layouts
+    kept = [i for i in range(plan.runner.num_layers) if i not in set(drop)]
+    drop_blocks(plan.model, drop)
+    plan.runner = LayerRunner(plan.model)
+    plan.layouts = [plan.layouts[i] for i in kept]
+    plan.out_layouts = [_renumbered(written[i], j, f"{plan.runner.path}.{j}.") for j, i in enumerate(kept)]
+    plan.zero_norm = {kept.index(i) for i in plan.zero_norm if i in kept}
+    plan.moe = dict(moe_layer_views(plan.model))
+
+
+def _drop_mlps(plan: _Plan, drop: list[int]) -> None:
+    """Drop the MoE sublayers of layers ``drop``: removed from the ``meta`` moe-app model (spec
+    updated as in memory), or, in a stock checkpoint, zeroed as each layer is read."""
+    if spec_of(plan.model) is not None:
+        drop_mlp_layers(plan.model, drop)
+    else:
+        plan.zero_norm.update(drop)
+    plan.moe = dict(moe_layer_views(plan.model))
 
 
 # --- the pass ------------------------------------------------------------------------------------
@@ -462,9 +526,10 @@ _LIBC: Any = None
 
 @dataclass(frozen=True)
 class _Variant:
-    """How a carried hidden-state stream runs each layer: pruned or not, and with which skip betas."""
+    """How a carried hidden-state stream runs each layer: at which stage of the change, with which
+    skip betas."""
 
-    pruned: bool
+    stage: int  # 0: as loaded; 1: experts pruned; 2: experts pruned and slimmed
     betas: str  # "existing" (as loaded), "none" (skipping off), "new" (the calibrated ones)
 
 
@@ -477,11 +542,12 @@ def _set_betas(view: MoeLayerView | None, betas: str, existing: float | None, ne
 class _Pass:
     """One layer-by-layer pass over the model, carrying the calibration hidden states.
 
-    Up to four streams of hidden states, each following the layers as one in-memory step sees them:
+    Up to five streams of hidden states, each following the layers as one in-memory step sees them:
     ``orig`` (the model as loaded: block inputs and target outputs, loss before), ``prog`` (through
-    the pruned layers: progressive pruning's inputs), ``calib`` (pruned, skipping off: the skipping
-    betas) and ``final`` (the result, skipping on: skip rates, loss after). Streams that run every
-    layer the same way share one list.
+    the pruned layers: progressive pruning's inputs), ``slim`` (through the pruned and slimmed layers:
+    slimming's inputs, as :func:`~moe_app.core.pruning.slim.slim_experts` recomputes them), ``calib``
+    (the changed model, skipping off: the skipping betas) and ``final`` (the result, skipping on: skip
+    rates, loss after). Streams that run every layer the same way share one list.
     """
 
     def __init__(self, plan: _Plan, job: PruneJob, batches: list[dict[str, Tensor]], spill: Path | None):
@@ -489,17 +555,22 @@ class _Pass:
         spec = spec_of(plan.model)
         self.existing = {int(k): float(v) for k, v in ((spec.skipping or {}) if spec else {}).items()}
         experts = job.experts is not None
+        last = 2 if job.slim is not None else int(experts)  # the stage the written layers are at
         none = "none" if self.existing else "existing"
-        wanted = {"orig": _Variant(False, "existing")}
+        wanted = {"orig": _Variant(0, "existing")}
         if experts and job.experts.progressive:
-            wanted["prog"] = _Variant(True, "existing")
+            wanted["prog"] = _Variant(1, "existing")
+        if job.slim is not None:
+            wanted["slim"] = _Variant(2, "existing")
         if job.skipping:
-            wanted["calib"] = _Variant(experts, none)
+            wanted["calib"] = _Variant(last, none)
         if job.eval_before_after or job.skipping:
-            wanted["final"] = _Variant(experts, "new" if job.skipping else "existing")
+            wanted["final"] = _Variant(last, "new" if job.skipping else "existing")
         self.variant_of = wanted
         self.streams = {v: TensorList(spill) for v in dict.fromkeys(wanted.values())}
         self.results: list[LayerPruneResult] = []
+        self.slimmed: list[LayerSlimResult] = []
+        self.keep: dict[int, int] = {}  # experts each layer keeps, where not job.experts.keep (global scope)
         self.betas: dict[int, float] = {}
         self.skipped: dict[int, int] = {}
 
@@ -558,6 +629,8 @@ class _Pass:
         pruning = view is not None and job.experts is not None
         # inputs along the other streams first: they are the states *before* layer i
         prog = self._inputs("prog", i, view) if pruning and job.experts.progressive and self.results else None
+        slimming = view is not None and job.slim is not None
+        slim = self._inputs("slim", i, view) if slimming else None
         calib = (
             self._inputs("calib", i, view) if view is not None and job.skipping and view.top_k >= 2 else None
         )
@@ -566,24 +639,37 @@ class _Pass:
         self._run(i, orig, view, None, xs, zs)
         if pruning:
             self.results.append(
-                prune_layer(i, view, xs if prog is None else prog, zs, job.experts.keep, job.experts)
+                prune_layer(
+                    i, view, xs if prog is None else prog, zs, self.keep.get(i, job.experts.keep), job.experts
+                )
             )
             for t in (xs, zs, prog):
                 if t is not None:
                     t.release()
+        if slim is not None:
+            for variant in list(self.streams):  # the pruned-only streams go through before slimming
+                if variant.stage == 1:
+                    self._run(i, variant, view, None)
+            x = torch.cat(list(slim)) if len(slim) else torch.empty(0)  # (T, d)
+            self.slimmed.append(slim_layer(view, x, job.slim, i))
+            logger.info(
+                "slim: layer %d %s -> expert sparsity %.3f", i, job.slim.method, self.slimmed[-1].sparsity
+            )
+            del x
+            slim.release()
         new = None
         if calib is not None and view.top_k >= 2:
             new = self.betas[i] = float(weight_ratios(view, calib).median())
             calib.release()
         for variant in list(self.streams):
-            if variant != orig:
+            if variant != orig and not (slim is not None and variant.stage == 1):
                 self._run(i, variant, view, new)
         _set_betas(view, "new" if job.skipping else "existing", self.existing.get(i), new)
         if view is not None and hasattr(view.module, "last_routing"):
             view.module.last_routing = None
         state = unique_state_dict(layer)
         writer.reserve(sum(t.numel() * t.element_size() for t in state.values()))
-        for name, t in _disk_tensors(plan.layouts[i], state):
+        for name, t in _disk_tensors((plan.out_layouts or plan.layouts)[i], state):
             writer.add(name, t)
         del state
         layer.to("meta")
@@ -591,15 +677,113 @@ class _Pass:
 
     def loss(self, name: str) -> float:
         """:func:`~moe_app.core.pruning.calibration.eval_loss` of the model stream ``name`` runs through."""
-        total, count = 0.0, 0
-        for b, h in zip(self.batches, self.stream(name)):
-            t, c = self.plan.runner.loss_terms(h, b["input_ids"], b["attention_mask"])
-            total, count = total + t, count + c
-        return total / max(count, 1)
+        return _stream_loss(self.plan, self.batches, self.stream(name))
 
     def release(self) -> None:
         for s in self.streams.values():
             s.release()
+
+
+def _stream_loss(plan: _Plan, batches: list[dict[str, Tensor]], stream: TensorList) -> float:
+    """:func:`~moe_app.core.pruning.calibration.eval_loss` from the final hidden states ``stream``
+    (the final norm and LM head must be materialised)."""
+    total, count = 0.0, 0
+    for b, h in zip(batches, stream):
+        t, c = plan.runner.loss_terms(h, b["input_ids"], b["attention_mask"])
+        total, count = total + t, count + c
+    return total / max(count, 1)
+
+
+def _head_modules(plan: _Plan) -> list[str]:
+    """The final norm and the LM head: what the loss needs after the last layer."""
+    return [
+        _name_of(plan.model, plan.runner.base.norm),
+        _name_of(plan.model, plan.model.get_output_embeddings()),
+    ]
+
+
+def _score_pass(
+    plan: _Plan,
+    batches: list[dict[str, Tensor]],
+    spill: Path | None,
+    hooks: Callable[[int, nn.Module, dict[str, Any]], list[Any]],
+    want_loss: bool,
+    desc: str,
+    after: Callable[[int, nn.Module, dict[str, Any]], None] | None = None,
+) -> tuple[dict[int, float], float | None]:
+    """Run every layer of the model as it stands, once, in order, on the carried hidden states, with
+    ``hooks(i, layer, current)`` on layer ``i`` accumulating ``{key: (sum cos, count)}`` in
+    ``current["acc"]`` over the tokens of ``current["mask"]`` (the contract of the in-memory scores,
+    :mod:`moe_app.core.pruning.drop`), and ``after(i, layer, current)`` called once the layer has
+    run on every batch, its weights still in memory. Returns the mean scores and, if ``want_loss``,
+    the model's calibration loss."""
+    spec = spec_of(plan.model)
+    existing = {int(k): float(v) for k, v in ((spec.skipping or {}) if spec else {}).items()}
+    current: dict[str, Any] = {"acc": {}}
+    stream = TensorList(spill)
+    embeddings = plan.model.get_input_embeddings()
+    _materialise(plan, _name_of(plan.model, embeddings))
+    for b in batches:
+        stream.append(plan.runner.embed(b["input_ids"]))  # (B, S, d)
+    embeddings.to("meta")
+    try:
+        for i in progress(range(plan.runner.num_layers), desc=desc, unit="layer"):
+            layer = _materialise_layer(plan, i)
+            view = view_of(layer.mlp) if i in plan.moe else None
+            _set_betas(view, "existing", existing.get(i), None)
+            handles = hooks(i, layer, current)
+            out = TensorList(spill)
+            try:
+                for b, h in zip(batches, stream):
+                    current["mask"] = b["attention_mask"].reshape(-1).bool()  # (B*S,)
+                    out.append(plan.runner.layer(i, h, b["attention_mask"]))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if after is not None:
+                after(i, layer, current)
+            stream.release()
+            stream = out
+            if view is not None and hasattr(view.module, "last_routing"):
+                view.module.last_routing = None
+            layer.to("meta")
+            _trim_heap()
+        loss = None
+        if want_loss:
+            heads = [_materialise(plan, name) for name in _head_modules(plan)]
+            loss = _stream_loss(plan, batches, stream)
+            for module in heads:
+                module.to("meta")
+    finally:
+        stream.release()
+    return mean_scores(current["acc"]), loss
+
+
+def _global_keep_counts(
+    plan: _Plan, batches: list[dict[str, Tensor]], spill: Path | None, keep: int
+) -> dict[int, int]:
+    """Global expert drop (He et al. 2024): every MoE layer's ``expert_drop`` scores on its original
+    block inputs, in a pass of their own, then each layer's count from the ranking over all layers
+    (:func:`~moe_app.core.pruning.saliency.global_keep_counts`, as in memory)."""
+    scores: dict[int, Tensor] = {}
+
+    def hooks(i: int, layer: nn.Module, current: dict[str, Any]) -> list[Any]:
+        if i not in plan.moe:
+            return []
+        xs = current[i] = []
+
+        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            xs.append(x.reshape(-1, x.shape[-1])[current["mask"]].detach().cpu())  # (T_b, d)
+
+        return [view_of(layer.mlp).module.register_forward_pre_hook(pre, with_kwargs=True)]
+
+    def after(i: int, layer: nn.Module, current: dict[str, Any]) -> None:
+        if i in plan.moe:
+            scores[i] = saliency_scores(view_of(layer.mlp), current.pop(i), "expert_drop")
+
+    _score_pass(plan, batches, spill, hooks, False, "score experts", after)
+    return global_keep_counts(scores, keep, {lay: view.top_k for lay, view in plan.moe.items()})
 
 
 def _activation_bytes(plan: _Plan, batches: list[dict[str, Tensor]], streams: int) -> int:
@@ -608,6 +792,35 @@ def _activation_bytes(plan: _Plan, batches: list[dict[str, Tensor]], streams: in
     elem = torch.finfo(plan.dtype).bits // 8
     padded = sum(b["input_ids"].numel() for b in batches)
     return (streams * padded + 2 * num_tokens(batches)) * d * elem
+
+
+class _Scratch:
+    """Temporary directories next to ``--out`` (same filesystem), made when first needed, all removed
+    at the end: the spilled hidden states, the expert-pruned checkpoint the drops then read."""
+
+    def __init__(self, out: Path, act_budget: int) -> None:
+        self.out, self.act_budget = out, act_budget
+        self.dirs: list[Path] = []
+
+    def _make(self, what: str) -> Path:
+        path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.{what}-", dir=self.out.parent))
+        self.dirs.append(path)
+        return path
+
+    def spill(self, plan: _Plan, batches: list[dict[str, Tensor]], streams: int) -> Path | None:
+        """Where ``streams`` carried hidden states go: ``None`` (memory) within the activation budget."""
+        if _activation_bytes(plan, batches, streams) <= self.act_budget:
+            return None
+        path = self._make("hidden")
+        logger.info("hidden states on disk in %s", path)
+        return path
+
+    def checkpoint(self) -> Path:
+        return self._make("experts") / "checkpoint"
+
+    def cleanup(self) -> None:
+        for path in self.dirs:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def prune_checkpoint_streaming(
@@ -646,48 +859,134 @@ def prune_checkpoint_streaming(
             "no MoE layer with top_k >= 2: there is no second expert to skip",
             fix="dynamic skipping applies to top-2 (or larger) routing",
         )
+    if job.experts is not None and job.experts.scope == "global":
+        check_global_scope(list(plan.moe.items()))
+    if job.layer_drop and not plan.moe:
+        raise UnsupportedModelError(
+            "the model has no MoE layers to drop", fix="layer drop applies to MoE models"
+        )
     batches = normalize_batches(calibration_batches(tokenizer, job.calibration))
     report: dict[str, Any] = {"calibration": dataclasses.asdict(job.calibration)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    spill_dir: Path | None = None
-    run = _Pass(plan, job, batches, None)
-    if _activation_bytes(plan, batches, len(run.streams)) > act_budget:
-        spill_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.hidden-", dir=out.parent))
-        run = _Pass(plan, job, batches, spill_dir)
     logger.info(
-        "layer-streamed pruning of %s (%.2f GB, %d layers): hidden states %s",
+        "layer-streamed pruning of %s (%.2f GB, %d layers)",
         src, checkpoint_nbytes(src) / 1e9, plan.runner.num_layers,
-        f"on disk in {spill_dir}" if spill_dir else "in memory",
     )  # fmt: skip
-
-    def fill(writer: ShardWriter) -> None:
-        for key in plan.outside:  # embeddings, final norm, LM head: copied in the model dtype
-            t = _read(plan, key)
-            writer.reserve(t.numel() * t.element_size())
-            writer.add(key, t.to(plan.dtype) if t.is_floating_point() else t)
-            del t
-        run.embed()
-        for i in progress(range(plan.runner.num_layers), desc="prune layers", unit="layer"):
-            run.layer(i, writer)
-        if plan.moe:
-            sync_expert_count(plan.model)
-        losses = {}
-        if job.eval_before_after:  # the final norm and LM head, only now and only for the report
-            _materialise(plan, _name_of(plan.model, plan.runner.base.norm))
-            _materialise(plan, _name_of(plan.model, plan.model.get_output_embeddings()))
-            losses = {"eval_loss_before": run.loss("orig"), "eval_loss_after": run.loss("final")}
-        _finish_report(plan, job, batches, run, report, losses)
-
+    scratch = _Scratch(out, act_budget)
+    stage = _Stage(src, job, kind, batches, shard, scratch)
     try:
-        _write(plan, out, fill, report, job, src, kind, shard)
+        if not (job.block_drop or job.layer_drop):
+            stage.prune_pass(plan, job, out, report)
+        else:
+            if job.experts is not None:  # the experts first, as in memory: the drops score the pruned model
+                experts = dataclasses.replace(job, block_drop=0, layer_drop=0, slim=None, skipping=False)
+                mid = scratch.checkpoint()
+                stage.prune_pass(plan, experts, mid, report, intermediate=True)
+                report.pop("eval_loss_after", None)
+                plan = _plan(mid)
+            stage.drops(plan, out, report)
     finally:
-        run.release()
-        if spill_dir is not None:
-            shutil.rmtree(spill_dir, ignore_errors=True)
+        scratch.cleanup()
     report["out"] = str(out)
     report["kind"] = kind
     report["mode"] = "streaming"
     return report
+
+
+@dataclass
+class _Stage:
+    """What every pass of one ``prune_checkpoint_streaming`` call shares."""
+
+    src: Path
+    job: PruneJob
+    kind: str
+    batches: list[dict[str, Tensor]]
+    shard: int | str
+    scratch: _Scratch
+
+    def prune_pass(
+        self,
+        plan: _Plan,
+        job: PruneJob,
+        out: Path,
+        report: dict[str, Any],
+        *,
+        before: float | None = None,
+        intermediate: bool = False,
+    ) -> None:
+        """Read, prune (``job``'s experts), calibrate skipping and write every layer of ``plan`` to
+        ``out``; the report of :func:`~moe_app.checkpoint.pruning.run_job` is completed in ``report``.
+        ``before``: the loss before, when an earlier pass measured it on the unmodified model."""
+        batches = self.batches
+        run = _Pass(plan, job, batches, None)
+        spill = self.scratch.spill(plan, batches, len(run.streams))
+        if spill is not None:
+            run = _Pass(plan, job, batches, spill)
+        if job.experts is not None and job.experts.scope == "global":
+            run.keep = _global_keep_counts(plan, batches, spill, job.experts.keep)
+
+        def fill(writer: ShardWriter) -> None:
+            for key in plan.outside:  # embeddings, final norm, LM head: copied in the model dtype
+                t = _read(plan, key)
+                writer.reserve(t.numel() * t.element_size())
+                writer.add(key, t.to(plan.dtype) if t.is_floating_point() else t)
+                del t
+            run.embed()
+            for i in progress(range(plan.runner.num_layers), desc="prune layers", unit="layer"):
+                run.layer(i, writer)
+            if plan.moe:
+                sync_expert_count(plan.model)
+            losses = {}
+            if job.eval_before_after:  # the final norm and LM head, only now and only for the report
+                for name in _head_modules(plan):
+                    _materialise(plan, name)
+                first = run.loss("orig") if before is None else before
+                losses = {"eval_loss_before": first, "eval_loss_after": run.loss("final")}
+            _finish_report(plan, job, batches, run, report, losses)
+
+        try:
+            _write(plan, out, fill, report, self.job, self.src, self.kind, self.shard, intermediate)
+        finally:
+            run.release()
+
+    def drops(self, plan: _Plan, out: Path, report: dict[str, Any]) -> None:
+        """Block drop, then layer drop, each scored in a pass over the model as it stands, then the
+        last pass (skipping, loss after, the output) over what is left."""
+        job, batches = self.job, self.batches
+        spill = self.scratch.spill(plan, batches, 1)
+        before = report.get("eval_loss_before")
+        want_before = job.eval_before_after and "eval_loss_before" not in report
+        if job.block_drop:
+            scores, loss = _score_pass(
+                plan, batches, spill, lambda i, layer, cur: [block_drop_hook(layer, i, cur)], want_before,
+                "score blocks",
+            )  # fmt: skip
+            if want_before:
+                before = report["eval_loss_before"] = loss
+                want_before = False
+            drop = most_similar(scores, job.block_drop)
+            _delete_blocks(plan, drop)
+            report["block_drop"] = {"scores": {str(k): v for k, v in scores.items()}, "dropped": drop}
+            logger.info(
+                "block drop: removed decoder blocks %s (cos %s)", drop, [round(scores[i], 4) for i in drop]
+            )
+        if job.layer_drop:
+
+            def hooks(i: int, layer: nn.Module, cur: dict[str, Any]) -> list[Any]:
+                return layer_drop_hooks(layer, i, f"{plan.runner.path}.{i}", cur) if i in plan.moe else []
+
+            scores, loss = _score_pass(plan, batches, spill, hooks, want_before, "score MoE sublayers")
+            if want_before:
+                before = report["eval_loss_before"] = loss
+            drop = most_similar(scores, job.layer_drop)
+            _drop_mlps(plan, drop)
+            report["layer_drop"] = {"scores": {str(k): v for k, v in scores.items()}, "dropped": drop}
+            how = "removed" if spec_of(plan.model) is not None else "zeroed"
+            logger.info(
+                "layer drop: %s MoE sublayers %s (cos %s)", how, drop, [round(scores[i], 4) for i in drop]
+            )
+        rest = dataclasses.replace(job, experts=None)
+        self.prune_pass(plan, rest, out, report, before=before)
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
@@ -711,6 +1010,9 @@ def _finish_report(
         pr = PruneReport(cfg.method, cfg.keep, cfg.progressive, cfg.scope, num_tokens(batches), run.results)
         record_pruning(plan.model, pr, cfg)
         report["experts"] = pr.to_dict()
+    if job.slim is not None:
+        slim = SlimReport(job.slim.method, job.slim.target_sparsity, num_tokens(batches), run.slimmed)
+        report["slim"] = slim.to_dict()
     if job.skipping:
         total = num_tokens(batches)
         layers = sorted(run.betas)
@@ -729,9 +1031,20 @@ def _finish_report(
 
 
 def _write(
-    plan: _Plan, out: Path, fill, report: dict[str, Any], job: PruneJob, src: Path, kind: str, shard
+    plan: _Plan,
+    out: Path,
+    fill,
+    report: dict[str, Any],
+    job: PruneJob,
+    src: Path,
+    kind: str,
+    shard,
+    intermediate: bool = False,
 ) -> None:
-    """The output directory, atomically: config, shards filled layer by layer, tokenizer, lineage/spec."""
+    """The output directory, atomically: config, shards filled layer by layer, tokenizer, lineage/spec.
+
+    ``intermediate``: a checkpoint a later pass reads (no ``prune`` stage in its lineage: the last
+    pass records the whole job once)."""
     from transformers import GenerationConfig
 
     model = plan.model
@@ -743,6 +1056,7 @@ def _write(
             "block_drop": job.block_drop,
             "layer_drop": job.layer_drop,
             "skipping": job.skipping,
+            "slim": dataclasses.asdict(job.slim) if job.slim is not None else None,
             "calibration": dataclasses.asdict(job.calibration),
             "eval_loss_before": report.get("eval_loss_before"),
             "eval_loss_after": report.get("eval_loss_after"),
@@ -750,14 +1064,16 @@ def _write(
         }
         if kind == "moe-app":
             spec = current_spec(model)
-            spec.add_stage("prune", config)
+            if not intermediate:
+                spec.add_stage("prune", config)
             write_spec(staging, spec)
         else:
             (staging / "config.json").unlink()
             model.config.architectures = [type(model).__name__]
             model.config.save_pretrained(staging)  # the expert counts sync_expert_count wrote
-            entry = {"stage": "prune", "time": utc_now(), "config": config}
-            write_lineage_file(staging, [*read_lineage(src), entry])
+            if not intermediate:
+                entry = {"stage": "prune", "time": utc_now(), "config": config}
+                write_lineage_file(staging, [*read_lineage(src), entry])
 
     generation = model.generation_config if kind == "moe-app" else None
     if kind == "hf" and (src / "generation_config.json").is_file():

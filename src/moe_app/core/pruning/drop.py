@@ -66,6 +66,11 @@ def _mean_cos(a: Tensor, b: Tensor) -> tuple[float, int]:
     return float(cos.sum()), cos.shape[0]
 
 
+def mean_scores(acc: dict[int, list[float]]) -> dict[int, float]:
+    """``{key: sum cos / count}`` of what the score hooks accumulated, by key."""
+    return {k: s / max(n, 1) for k, (s, n) in sorted(acc.items())}
+
+
 @torch.no_grad()
 def _score(model: nn.Module, batches: Sequence[Any], hooks) -> dict[int, float]:
     """Run ``batches`` with ``hooks(current) -> handles`` collecting ``{key: (sum cos, count)}``."""
@@ -81,7 +86,14 @@ def _score(model: nn.Module, batches: Sequence[Any], hooks) -> dict[int, float]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {k: s / max(n, 1) for k, (s, n) in sorted(acc.items())}
+    return mean_scores(acc)
+
+
+def _accumulate(current: dict[str, Any], key: int, a: Tensor, b: Tensor) -> None:
+    s, n = _mean_cos(a, b)
+    tot = current["acc"].setdefault(key, [0.0, 0])
+    tot[0] += s
+    tot[1] += n
 
 
 def _norm_of(layer: nn.Module, where: str) -> nn.Module:
@@ -97,6 +109,38 @@ def _norm_of(layer: nn.Module, where: str) -> nn.Module:
     )
 
 
+def layer_drop_hooks(layer: nn.Module, lay: int, where: str, current: dict[str, Any]) -> list[Any]:
+    """Hooks on decoder layer ``lay`` adding ``cos(h, h + MoE(LN(h)))`` over the tokens of
+    ``current["mask"]`` to ``current["acc"][lay]`` on every forward (``h``: the residual stream
+    entering the MoE sublayer). Shared by :func:`layer_drop_scores` and the layer-streamed pruning."""
+    norm = _norm_of(layer, where)
+
+    def pre(mod, args):
+        current[("h", lay)] = args[0]
+
+    def post(mod, args, out):
+        h = current.pop(("h", lay))
+        h = h.reshape(-1, h.shape[-1])[current["mask"]]  # (T, d)
+        m = (out[0] if isinstance(out, tuple) else out).reshape(-1, h.shape[-1])[current["mask"]]  # (T, d)
+        _accumulate(current, lay, h, h + m)
+
+    return [norm.register_forward_pre_hook(pre), layer.mlp.register_forward_hook(post)]
+
+
+def block_drop_hook(layer: nn.Module, i: int, current: dict[str, Any]) -> Any:
+    """A hook on decoder block ``i`` adding ``cos(h_i, h_{i+1})`` (its input and output) over the
+    tokens of ``current["mask"]`` to ``current["acc"][i]`` on every forward. Shared by
+    :func:`block_drop_scores` and the layer-streamed pruning."""
+
+    def post(mod, args, kwargs, out):
+        h_in = args[0] if args else kwargs["hidden_states"]
+        h_out = out[0] if isinstance(out, tuple) else out
+        d = h_in.shape[-1]
+        _accumulate(current, i, h_in.reshape(-1, d)[current["mask"]], h_out.reshape(-1, d)[current["mask"]])
+
+    return layer.register_forward_hook(post, with_kwargs=True)
+
+
 def layer_drop_scores(model: nn.Module, batches: Sequence[Any]) -> dict[int, float]:
     """``{layer: mean cos(h, h + MoE(LN(h)))}`` for every MoE sublayer."""
     path, layers = find_decoder_layers(model)
@@ -107,28 +151,7 @@ def layer_drop_scores(model: nn.Module, batches: Sequence[Any]) -> dict[int, flo
         )
 
     def hooks(current):
-        handles = []
-        for lay in lays:
-            layer = layers[lay]
-            norm = _norm_of(layer, f"{path}.{lay}")
-
-            def pre(mod, args, lay=lay):
-                current[("h", lay)] = args[0]
-
-            def post(mod, args, out, lay=lay):
-                h = current.pop(("h", lay))
-                h = h.reshape(-1, h.shape[-1])[current["mask"]]  # (T, d)
-                m = (out[0] if isinstance(out, tuple) else out).reshape(-1, h.shape[-1])[
-                    current["mask"]
-                ]  # (T, d)
-                s, n = _mean_cos(h, h + m)
-                tot = current["acc"].setdefault(lay, [0.0, 0])
-                tot[0] += s
-                tot[1] += n
-
-            handles.append(norm.register_forward_pre_hook(pre))
-            handles.append(layer.mlp.register_forward_hook(post))
-        return handles
+        return [h for lay in lays for h in layer_drop_hooks(layers[lay], lay, f"{path}.{lay}", current)]
 
     return _score(model, batches, hooks)
 
@@ -136,27 +159,9 @@ def layer_drop_scores(model: nn.Module, batches: Sequence[Any]) -> dict[int, flo
 def block_drop_scores(model: nn.Module, batches: Sequence[Any]) -> dict[int, float]:
     """``{block: mean cos(h_i, h_{i+1})}`` between every decoder block's input and output."""
     _, layers = find_decoder_layers(model)
-
-    def hooks(current):
-        handles = []
-        for i, layer in enumerate(layers):
-
-            def post(mod, args, kwargs, out, i=i):
-                h_in = args[0] if args else kwargs["hidden_states"]
-                h_out = out[0] if isinstance(out, tuple) else out
-                d = h_in.shape[-1]
-                s, n = _mean_cos(
-                    h_in.reshape(-1, d)[current["mask"]],  # (T, d)
-                    h_out.reshape(-1, d)[current["mask"]],  # (T, d)
-                )
-                tot = current["acc"].setdefault(i, [0.0, 0])
-                tot[0] += s
-                tot[1] += n
-
-            handles.append(layer.register_forward_hook(post, with_kwargs=True))
-        return handles
-
-    return _score(model, batches, hooks)
+    return _score(
+        model, batches, lambda current: [block_drop_hook(lay, i, current) for i, lay in enumerate(layers)]
+    )
 
 
 def most_similar(scores: dict[int, float], n: int) -> list[int]:
@@ -198,7 +203,7 @@ def drop_mlp_layers(model: nn.Module, drop: Sequence[int], how: str = "auto") ->
             raise ConfigError(f"layer {lay} has no MoE sublayer to drop", fix=f"choose among {sorted(moe)}")
     if how == "zero_norm":
         for lay in gone:
-            _zero_norm(layers[lay], f"{path}.{lay}")
+            zero_mlp_norm(layers[lay], f"{path}.{lay}")
     else:
         for lay in gone:
             remove_mlp(layers[lay])
@@ -217,8 +222,9 @@ def drop_mlp_layers(model: nn.Module, drop: Sequence[int], how: str = "auto") ->
     return model
 
 
-def _zero_norm(layer: nn.Module, where: str) -> None:
-    """Zero the post-attention norm of ``layer`` so its bias-free MoE sublayer adds exactly 0."""
+def zero_mlp_norm(layer: nn.Module, where: str) -> None:
+    """Zero the post-attention norm of ``layer`` so its bias-free MoE sublayer adds exactly 0
+    (what ``how="zero_norm"`` does to each dropped layer; raises where the MLP has biases)."""
     norm = _norm_of(layer, where)
     norm.weight.zero_()
     probe = torch.zeros(1, 1, norm.weight.shape[0], dtype=norm.weight.dtype, device=norm.weight.device)
@@ -305,10 +311,14 @@ def drop_blocks(model: nn.Module, drop: Sequence[int]) -> nn.Module:
 __all__ = [
     "DroppedMlp",
     "ZeroMlp",
+    "block_drop_hook",
     "block_drop_scores",
     "drop_blocks",
     "drop_mlp_layers",
+    "layer_drop_hooks",
     "layer_drop_scores",
+    "mean_scores",
     "most_similar",
     "replace_dropped_mlps",
+    "zero_mlp_norm",
 ]

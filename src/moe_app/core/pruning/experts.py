@@ -276,13 +276,18 @@ def prune_layer(
 def _keep_counts(views: list[tuple[int, MoeLayerView]], io: dict, cfg: ExpertPruneConfig) -> dict[int, int]:
     if cfg.scope == "layer":
         return {lay: cfg.keep for lay, _ in views}
+    check_global_scope(views)
+    scores = {lay: saliency_scores(view, io[lay][0], "expert_drop") for lay, view in views}
+    return global_keep_counts(scores, cfg.keep, {lay: view.top_k for lay, view in views})
+
+
+def check_global_scope(views: list[tuple[int, MoeLayerView]]) -> None:
+    """Refuse global expert drop where the output cannot hold per-layer expert counts."""
     if model_kind_of_views(views) == "hf":
         raise UnsupportedModelError(
             "global expert drop keeps different counts per layer, which stock transformers configs cannot hold",
             fix="use scope=layer for Mixtral/Qwen/OLMoE checkpoints",
         )
-    scores = {lay: saliency_scores(view, io[lay][0], "expert_drop") for lay, view in views}
-    return global_keep_counts(scores, cfg.keep, {lay: view.top_k for lay, view in views})
 
 
 def model_kind_of_views(views: list[tuple[int, MoeLayerView]]) -> str:
@@ -324,6 +329,7 @@ __all__ = [
     "ExpertPruneConfig",
     "LayerPruneResult",
     "PruneReport",
+    "check_global_scope",
     "check_prunable",
     "keep_experts",
     "prune_experts",
