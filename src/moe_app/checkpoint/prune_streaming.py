@@ -92,8 +92,10 @@ from moe_app.core.pruning.calibration import calibration_batches, normalize_batc
 from moe_app.core.pruning.drop import (
     block_drop_hook,
     drop_blocks,
+    drop_entry,
     drop_mlp_layers,
     layer_drop_hooks,
+    layer_drop_how,
     mean_scores,
     most_similar,
     zero_mlp_norm,
@@ -966,10 +968,7 @@ class _Stage:
                 want_before = False
             drop = most_similar(scores, job.block_drop)
             _delete_blocks(plan, drop)
-            report["block_drop"] = {"scores": {str(k): v for k, v in scores.items()}, "dropped": drop}
-            logger.info(
-                "block drop: removed decoder blocks %s (cos %s)", drop, [round(scores[i], 4) for i in drop]
-            )
+            report["block_drop"] = drop_entry("block drop: removed decoder blocks", scores, drop)
         if job.layer_drop:
 
             def hooks(i: int, layer: nn.Module, cur: dict[str, Any]) -> list[Any]:
@@ -979,12 +978,9 @@ class _Stage:
             if want_before:
                 before = report["eval_loss_before"] = loss
             drop = most_similar(scores, job.layer_drop)
+            how = layer_drop_how(plan.model)
             _drop_mlps(plan, drop)
-            report["layer_drop"] = {"scores": {str(k): v for k, v in scores.items()}, "dropped": drop}
-            how = "removed" if spec_of(plan.model) is not None else "zeroed"
-            logger.info(
-                "layer drop: %s MoE sublayers %s (cos %s)", how, drop, [round(scores[i], 4) for i in drop]
-            )
+            report["layer_drop"] = drop_entry(f"layer drop: {how} MoE sublayers", scores, drop)
         rest = dataclasses.replace(job, experts=None)
         self.prune_pass(plan, rest, out, report, before=before)
 

@@ -126,7 +126,9 @@ def run_job(model: nn.Module, batches: list[dict[str, Any]], job: PruneJob) -> d
     from moe_app.core.pruning.drop import (
         block_drop_scores,
         drop_blocks,
+        drop_entry,
         drop_mlp_layers,
+        layer_drop_how,
         layer_drop_scores,
         most_similar,
     )
@@ -140,23 +142,13 @@ def run_job(model: nn.Module, batches: list[dict[str, Any]], job: PruneJob) -> d
         scores = block_drop_scores(model, batches)
         drop = most_similar(scores, job.block_drop)
         drop_blocks(model, drop)
-        report["block_drop"] = {"scores": {str(k): v for k, v in scores.items()}, "dropped": drop}
-        logger.info(
-            "block drop: removed decoder blocks %s (cos %s)", drop, [round(scores[i], 4) for i in drop]
-        )
+        report["block_drop"] = drop_entry("block drop: removed decoder blocks", scores, drop)
     if job.layer_drop:
         scores = layer_drop_scores(model, batches)
         drop = most_similar(scores, job.layer_drop)
+        how = layer_drop_how(model)
         drop_mlp_layers(model, drop)
-        report["layer_drop"] = {"scores": {str(k): v for k, v in scores.items()}, "dropped": drop}
-        how = (
-            "removed"
-            if spec_of(model) is not None
-            else "zeroed (a stock checkpoint cannot record a missing MLP)"
-        )
-        logger.info(
-            "layer drop: %s MoE sublayers %s (cos %s)", how, drop, [round(scores[i], 4) for i in drop]
-        )
+        report["layer_drop"] = drop_entry(f"layer drop: {how} MoE sublayers", scores, drop)
     if job.slim is not None:
         report["slim"] = slim_experts(model, batches, job.slim).to_dict()
     if job.skipping:

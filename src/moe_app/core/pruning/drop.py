@@ -164,6 +164,19 @@ def block_drop_scores(model: nn.Module, batches: Sequence[Any]) -> dict[int, flo
     )
 
 
+def drop_entry(what: str, scores: dict[int, float], drop: list[int]) -> dict[str, Any]:
+    """The prune report's entry for a drop (``what``: e.g. ``"removed decoder blocks"``), logged."""
+    logger.info("%s %s (cos %s)", what, drop, [round(scores[i], 4) for i in drop])
+    return {"scores": {str(k): v for k, v in scores.items()}, "dropped": drop}
+
+
+def layer_drop_how(model: nn.Module) -> str:
+    """How :func:`drop_mlp_layers` (``how="auto"``) drops a sublayer of ``model``, in words."""
+    if spec_of(model) is not None:
+        return "removed"
+    return "zeroed (a stock checkpoint cannot record a missing MLP)"
+
+
 def most_similar(scores: dict[int, float], n: int) -> list[int]:
     """The ``n`` keys with the highest similarity (ties: lower index), sorted."""
     return sorted(sorted(scores, key=lambda k: (-scores[k], k))[:n])
@@ -314,8 +327,10 @@ __all__ = [
     "block_drop_hook",
     "block_drop_scores",
     "drop_blocks",
+    "drop_entry",
     "drop_mlp_layers",
     "layer_drop_hooks",
+    "layer_drop_how",
     "layer_drop_scores",
     "mean_scores",
     "most_similar",
