@@ -187,6 +187,43 @@ def profile_step(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor, rows: i
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def ffn_gemm_table(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, str]:
+    """The FFN matmuls of one profiled step (forward and backward): ``(ms, GMAC/s, table by rows)``.
+
+    An FFN matmul is an ``aten::mm`` with the FFN width ``F`` or ``2F`` (fused gate/up) among its
+    sizes; the row count is the size that is neither ``F``, ``2F`` nor the hidden size (tokens for the
+    dense FFN, the tokens routed to one expert for the MoE). Time is the profiler's wall time of the
+    call on the calling thread (MKL's threads included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = cand.model.config
+    ffn, d = {cfg.intermediate_size, 2 * cfg.intermediate_size}, cfg.hidden_size
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        cand.step(ids, mask, Usage("wall"), record=False)
+    edges = (16, 64, 128, 256)
+    buckets: dict[str, list[float]] = {}
+    total_ms = total_mac = 0.0
+    for ev in prof.key_averages(group_by_input_shape=True):
+        if ev.key != "aten::mm" or len(ev.input_shapes) < 2 or len(ev.input_shapes[0]) != 2:
+            continue
+        (a, b), (_, c) = ev.input_shapes[:2]
+        if not ffn & {a, b, c} or cfg.vocab_size in (a, b, c):
+            continue
+        ms, mac = ev.self_cpu_time_total / 1e3, float(a) * b * c * ev.count
+        rows = next((x for x in (a, b, c) if x not in ffn | {d}), None)
+        label = "other" if rows is None else next((f"< {e}" for e in edges if rows < e), f">= {edges[-1]}")
+        acc = buckets.setdefault(label, [0.0, 0.0, 0])
+        acc[0], acc[1], acc[2] = acc[0] + ms, acc[1] + mac, acc[2] + ev.count
+        total_ms, total_mac = total_ms + ms, total_mac + mac
+    order = [f"< {e}" for e in edges] + [f">= {edges[-1]}", "other"]
+    lines = [
+        f"  rows {k:<7} {buckets[k][2]:>5} calls {buckets[k][0]:>8.1f} ms {buckets[k][1] / buckets[k][0] / 1e6:>6.1f} GMAC/s"
+        for k in order
+        if k in buckets and buckets[k][0] > 0
+    ]
+    return total_ms, total_mac / max(total_ms, 1e-9) / 1e6, "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_GGUF), help="dense model: HF dir or GGUF file")
@@ -208,6 +245,12 @@ def main(argv: list[str] | None = None) -> dict:
         "one training step; the old loop's temporaries otherwise churn the heap between phases)",
     )
     p.add_argument("--profile", type=int, default=0, help="print a torch.profiler table of N rows per model")
+    p.add_argument(
+        "--gemm-table",
+        action="store_true",
+        help="profile one more step of each model: the FFN matmuls' time and GMAC/s (the MoE's by "
+        "rows per expert), i.e. how much of the excess is the small per-expert GEMMs",
+    )
     p.add_argument(
         "--malloc",
         default="moe-app",
@@ -288,6 +331,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"(each: {', '.join(f'{r:.2f}' for r in per_repeat)})"
     )
     print(f"peak RSS {peak_rss_mb():.0f} MB")
+    if args.gemm_table:
+        (d_ms, d_rate, _), (m_ms, m_rate, table) = (ffn_gemm_table(c, ids, mask) for c in cands)
+        print(
+            f"FFN matmuls of one step: dense {d_ms:.0f} ms at {d_rate:.1f} GMAC/s, MoE experts {m_ms:.0f} ms "
+            f"at {m_rate:.1f} GMAC/s -> time per MAC {d_rate / m_rate:.2f}x the dense FFN's; by rows per expert:"
+        )
+        print(table)
     for c in cands[: 0 if not args.profile else 2]:
         print(f"--- torch.profiler, one {c.name} step (wall time) ---")
         print(profile_step(c, ids, mask, args.profile))
