@@ -149,3 +149,31 @@ def test_real_full_tmpfs_keeps_the_previous_export(moe_ckpt, tmp_path, capsys):
         AutoModelForCausalLM.from_pretrained(out)
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)
+
+
+def test_read_tensor_is_exact_aligned_and_names_a_short_or_missing_file(tmp_path):
+    """``safetensors_io.read_tensor``: the stored bits, in a 64-byte-aligned fresh tensor; a file cut
+    short or gone is a CheckpointError naming it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from moe_app.errors import CheckpointError
+
+    path = tmp_path / "t.safetensors"
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.arange(7, dtype=torch.int64),
+        "c": torch.randn(4).bfloat16(),
+    }
+    save_file(tensors, str(path))
+    stored, _ = safetensors_io.read_header(path)
+    for name, t in tensors.items():
+        got = safetensors_io.read_tensor(stored[name])
+        assert got.dtype == t.dtype and torch.equal(got, t) and got.data_ptr() % 64 == 0
+    last = max(stored.values(), key=lambda s: s.offset)
+    os.truncate(path, last.offset + 1)
+    with pytest.raises(CheckpointError, match=r"t\.safetensors is truncated"):
+        safetensors_io.read_tensor(last)
+    path.unlink()
+    with pytest.raises(CheckpointError, match=r"t\.safetensors is missing"):
+        safetensors_io.read_tensor(stored["a"])

@@ -76,12 +76,11 @@ from moe_app.checkpoint.model_dir import (
 from moe_app.checkpoint.pesc import is_pesc_adapter_dir
 from moe_app.checkpoint.pretrained import read_lineage, write_lineage_file
 from moe_app.checkpoint.pruning import PruneJob, checked_paths, validate_job
+from moe_app.checkpoint.safetensors_io import StoredTensor, read_header, read_tensor
 from moe_app.checkpoint.shards import (
     DEFAULT_MAX_SHARD_SIZE,
     ShardWriter,
     checkpoint_dtype,
-    corrupt_shard_error,
-    open_shard,
     parse_size,
     shard_files,
 )
@@ -137,8 +136,9 @@ def streaming_problems(job: PruneJob) -> list[str]:
     """Why the layer-streamed path cannot run ``job`` (empty: it can).
 
     Every :class:`PruneJob` option left at its default is fine; any other option outside the
-    supported set (expert pruning, skipping, calibration, the loss report) is named, so options added
-    to ``moe-app prune`` later are refused here until the streamed path implements them.
+    supported set (expert pruning in either scope, block and layer drop, slimming, skipping,
+    calibration, the loss report) is named, so options added to ``moe-app prune`` later are refused
+    here until the streamed path implements them.
     """
     problems = []
     for f in dataclasses.fields(job):
@@ -282,7 +282,8 @@ class _Plan:
     model: nn.Module
     runner: LayerRunner
     dtype: torch.dtype
-    key_file: dict[str, Path]
+    stored: dict[str, StoredTensor]
+    """Every on-disk tensor: its file and byte offset (from the shard headers)."""
     alias: dict[str, str]
     layouts: list[LayerLayout]
     outside: list[str]
@@ -294,13 +295,9 @@ class _Plan:
 
 
 def _read(plan: _Plan, key: str) -> Tensor:
-    """One tensor from its shard, through a short-lived mapping (its pages are released at once)."""
-    path = plan.key_file[key]
-    with open_shard(path) as h:
-        try:
-            return h.get_tensor(key)
-        except Exception as e:  # safetensors raises its own error types for short reads
-            raise corrupt_shard_error(path, e) from e
+    """One tensor from its shard (plain reads: no mapping left behind; aligned as the in-memory
+    model's parameters are, so both paths compute the same bits)."""
+    return read_tensor(plan.stored[key])
 
 
 def _layout(i: int, prefix: str, disk: set[str], local: dict[str, Tensor]) -> LayerLayout:
@@ -397,10 +394,9 @@ def _plan(src: Path, trust_remote_code: bool = False) -> _Plan:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
-    key_file: dict[str, Path] = {}
+    stored: dict[str, StoredTensor] = {}
     for f in shard_files(src):
-        with open_shard(f) as h:
-            key_file.update(dict.fromkeys(h.keys(), f))
+        stored.update(read_header(f)[0])
     alias: dict[str, str] = {}  # tied parameters: every name -> the one saved
     first: dict[int, str] = {}
     for k, v in model.state_dict(keep_vars=True).items():
@@ -410,11 +406,11 @@ def _plan(src: Path, trust_remote_code: bool = False) -> _Plan:
     layouts = []
     for i, layer in enumerate(layers):
         prefix = f"{runner.path}.{i}."
-        disk = {k for k in key_file if k.startswith(prefix)}
+        disk = {k for k in stored if k.startswith(prefix)}
         layouts.append(_layout(i, prefix, disk, unique_state_dict(layer)))
     in_layers = f"{runner.path}."
     outside = [k for k in unique_state_dict(model) if not k.startswith(in_layers)]
-    on_disk = {k for k in key_file if not k.startswith(in_layers)}
+    on_disk = {k for k in stored if not k.startswith(in_layers)}
     if set(outside) != on_disk:
         diff = sorted(set(outside) ^ on_disk)[:6]
         raise StreamingUnsupported(
@@ -422,7 +418,7 @@ def _plan(src: Path, trust_remote_code: bool = False) -> _Plan:
             fix="prune in memory (--streaming off)",
         )
     _rebuild_buffers(model, in_layers)
-    plan = _Plan(src, kind, model, runner, dtype, key_file, alias, layouts, outside)
+    plan = _Plan(src, kind, model, runner, dtype, stored, alias, layouts, outside)
     plan.moe = dict(moe_layer_views(model))
     return plan
 
@@ -552,7 +548,14 @@ class _Pass:
     rates, loss after). Streams that run every layer the same way share one list.
     """
 
-    def __init__(self, plan: _Plan, job: PruneJob, batches: list[dict[str, Tensor]], spill: Path | None):
+    def __init__(
+        self,
+        plan: _Plan,
+        job: PruneJob,
+        batches: list[dict[str, Tensor]],
+        spill: Path | None,
+        after: bool = True,
+    ):
         self.plan, self.job, self.batches, self.spill = plan, job, batches, spill
         spec = spec_of(plan.model)
         self.existing = {int(k): float(v) for k, v in ((spec.skipping or {}) if spec else {}).items()}
@@ -566,7 +569,7 @@ class _Pass:
             wanted["slim"] = _Variant(2, "existing")
         if job.skipping:
             wanted["calib"] = _Variant(last, none)
-        if job.eval_before_after or job.skipping:
+        if (job.eval_before_after and after) or job.skipping:
             wanted["final"] = _Variant(last, "new" if job.skipping else "existing")
         self.variant_of = wanted
         self.streams = {v: TensorList(spill) for v in dict.fromkeys(wanted.values())}
@@ -883,8 +886,7 @@ def prune_checkpoint_streaming(
             if job.experts is not None:  # the experts first, as in memory: the drops score the pruned model
                 experts = dataclasses.replace(job, block_drop=0, layer_drop=0, slim=None, skipping=False)
                 mid = scratch.checkpoint()
-                stage.prune_pass(plan, experts, mid, report, intermediate=True)
-                report.pop("eval_loss_after", None)
+                stage.prune_pass(plan, experts, mid, report, intermediate=True, after=False)
                 plan = _plan(mid)
             stage.drops(plan, out, report)
     finally:
@@ -915,15 +917,17 @@ class _Stage:
         *,
         before: float | None = None,
         intermediate: bool = False,
+        after: bool = True,
     ) -> None:
         """Read, prune (``job``'s experts), calibrate skipping and write every layer of ``plan`` to
         ``out``; the report of :func:`~moe_app.checkpoint.pruning.run_job` is completed in ``report``.
-        ``before``: the loss before, when an earlier pass measured it on the unmodified model."""
+        ``before``: the loss before, when an earlier pass measured it on the unmodified model;
+        ``after``: whether to measure the loss after (not for a checkpoint a later pass changes)."""
         batches = self.batches
-        run = _Pass(plan, job, batches, None)
+        run = _Pass(plan, job, batches, None, after)
         spill = self.scratch.spill(plan, batches, len(run.streams))
         if spill is not None:
-            run = _Pass(plan, job, batches, spill)
+            run = _Pass(plan, job, batches, spill, after)
         if job.experts is not None and job.experts.scope == "global":
             run.keep = _global_keep_counts(plan, batches, spill, job.experts.keep)
 
@@ -942,8 +946,9 @@ class _Stage:
             if job.eval_before_after:  # the final norm and LM head, only now and only for the report
                 for name in _head_modules(plan):
                     _materialise(plan, name)
-                first = run.loss("orig") if before is None else before
-                losses = {"eval_loss_before": first, "eval_loss_after": run.loss("final")}
+                losses = {"eval_loss_before": run.loss("orig") if before is None else before}
+                if after:
+                    losses["eval_loss_after"] = run.loss("final")
             _finish_report(plan, job, batches, run, report, losses)
 
         try:

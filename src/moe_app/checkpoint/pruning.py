@@ -30,6 +30,7 @@ from moe_app.checkpoint.pretrained import read_lineage, save_pretrained_dir
 from moe_app.core.models.layers import find_decoder_layers
 from moe_app.core.models.views import model_kind, moe_layer_views
 from moe_app.core.pruning.calibration import CalibrationConfig, calibration_batches, eval_loss
+from moe_app.core.pruning.drop import check_mlp_drop
 from moe_app.core.pruning.experts import ExpertPruneConfig, check_prunable, prune_experts
 from moe_app.core.pruning.skipping import apply_skipping, calibrate_skipping, skip_rates
 from moe_app.core.pruning.slim import SlimConfig, check_slimmable, slim_experts
@@ -100,6 +101,8 @@ def validate_job(model: nn.Module, job: PruneJob, where: str) -> str:
             fix="run without --skipping, or merge the experts first (merge_pesc) and prune the merged model",
         )
 
+    if job.layer_drop:
+        check_mlp_drop(model)
     if job.slim is not None:
         check_slimmable(model, where, job.slim)
     if job.quantize:

@@ -140,6 +140,37 @@ def read_header(path: str | Path) -> tuple[dict[str, StoredTensor], dict[str, st
     return out, metadata
 
 
+def read_tensor(stored: StoredTensor) -> Tensor:
+    """One tensor read from its file into a fresh tensor: one copy, no mapping, and the torch
+    allocator's 64-byte alignment. (safetensors' ``get_tensor`` returns buffers aligned to 8 bytes;
+    BLAS picks its code path by alignment, so a product on such a weight can differ in the last bit
+    from the same product on a model's own parameters.) A short or vanished file is a ``CheckpointError``."""
+    t = torch.empty(stored.info.shape, dtype=stored.info.dtype)  # (shape)
+    view = tensor_buffer(t)  # t's own bytes (contiguous, so no copy)
+    path = stored.path
+    try:
+        with open(path, "rb") as f:
+            f.seek(stored.offset)
+            n = f.readinto(view)
+    except FileNotFoundError as e:
+        raise CheckpointError(
+            f"{path.name} is missing",
+            where=str(path),
+            fix="the checkpoint is incomplete (or was removed while in use): copy it again or regenerate it",
+        ) from e
+    except OSError as e:
+        raise CheckpointError(
+            f"could not read {path.name} ({e})", where=str(path), fix="check the disk"
+        ) from e
+    if n != view.nbytes:
+        raise CheckpointError(
+            f"{path.name} is truncated: {stored.info.name!r} needs {view.nbytes} bytes, {n} were there",
+            where=str(path),
+            fix="the file was cut short (an interrupted copy, download or write): copy it again or regenerate it",
+        )
+    return t
+
+
 def layout(infos: Iterable[TensorInfo]) -> dict[str, tuple[int, int]]:
     """``name -> (begin, end)`` in the data buffer: by element size (descending), then name."""
     offsets: dict[str, tuple[int, int]] = {}

@@ -182,18 +182,12 @@ def most_similar(scores: dict[int, float], n: int) -> list[int]:
     return sorted(sorted(scores, key=lambda k: (-scores[k], k))[:n])
 
 
-@torch.no_grad()
-def drop_mlp_layers(model: nn.Module, drop: Sequence[int], how: str = "auto") -> nn.Module:
-    """Drop the MoE sublayers of decoder layers ``drop`` (see the module doc).
-
-    ``how``: ``remove`` (moe-app models: the MLP and, where the layout allows, its norm replaced by
-    parameter-free modules and recorded in the spec), ``zero_norm`` (the sublayer kept but made to
-    add exactly zero: what a stock checkpoint can store), or ``auto`` (``remove`` if the model
-    carries a ``MoeSpec``, else ``zero_norm``).
-    """
+def check_mlp_drop(model: nn.Module, how: str = "auto") -> str:
+    """The drop mode ``how`` resolves to for ``model`` (see :func:`drop_mlp_layers`), refusing the
+    impossible ones before any scoring: callers check this first, so a checkpoint larger than memory
+    is not scored (one pass per layer) only to be refused at the end."""
     if how not in DROP_MODES:
         raise ConfigError(f"unknown layer-drop mode {how!r}", fix=f"choose one of {', '.join(DROP_MODES)}")
-    path, layers = find_decoder_layers(model)
     spec = spec_of(model)
     if how == "auto":
         how = "remove" if spec is not None else "zero_norm"
@@ -209,6 +203,21 @@ def drop_mlp_layers(model: nn.Module, drop: Sequence[int], how: str = "auto") ->
             "on every layer they were built on",
             fix="merge the adapters first (moe_app.core.pesc.merge.merge_pesc), or use how='zero_norm'",
         )
+    return how
+
+
+@torch.no_grad()
+def drop_mlp_layers(model: nn.Module, drop: Sequence[int], how: str = "auto") -> nn.Module:
+    """Drop the MoE sublayers of decoder layers ``drop`` (see the module doc).
+
+    ``how``: ``remove`` (moe-app models: the MLP and, where the layout allows, its norm replaced by
+    parameter-free modules and recorded in the spec), ``zero_norm`` (the sublayer kept but made to
+    add exactly zero: what a stock checkpoint can store), or ``auto`` (``remove`` if the model
+    carries a ``MoeSpec``, else ``zero_norm``).
+    """
+    how = check_mlp_drop(model, how)
+    path, layers = find_decoder_layers(model)
+    spec = spec_of(model)
     moe = {lay for lay, _ in moe_layer_views(model)}
     gone = sorted({int(i) for i in drop})
     for lay in gone:
@@ -326,6 +335,7 @@ __all__ = [
     "ZeroMlp",
     "block_drop_hook",
     "block_drop_scores",
+    "check_mlp_drop",
     "drop_blocks",
     "drop_entry",
     "drop_mlp_layers",
