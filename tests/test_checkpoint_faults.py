@@ -170,6 +170,11 @@ def test_read_tensor_is_exact_aligned_and_names_a_short_or_missing_file(tmp_path
     for name, t in tensors.items():
         got = safetensors_io.read_tensor(stored[name])
         assert got.dtype == t.dtype and torch.equal(got, t) and got.data_ptr() % 64 == 0
+    stacked = torch.zeros(2, 3, 5)
+    safetensors_io.read_tensor(stored["a"], out=stacked[1])  # into one slice of a stacked tensor
+    assert torch.equal(stacked[1], tensors["a"]) and not stacked[0].any()
+    with pytest.raises(ValueError, match=r"contiguous torch\.float32 tensor of shape"):
+        safetensors_io.read_tensor(stored["a"], out=stacked[:, 0])
     last = max(stored.values(), key=lambda s: s.offset)
     os.truncate(path, last.offset + 1)
     with pytest.raises(CheckpointError, match=r"t\.safetensors is truncated"):

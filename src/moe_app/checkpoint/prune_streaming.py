@@ -300,6 +300,16 @@ def _read(plan: _Plan, key: str) -> Tensor:
     return read_tensor(plan.stored[key])
 
 
+def _read_into(plan: _Plan, key: str, dst: Tensor) -> None:
+    """Tensor ``key`` into ``dst`` (one expert's slice of a stacked parameter): read in place when
+    the dtype matches, else through a temporary cast."""
+    stored = plan.stored[key]
+    if stored.info.dtype == dst.dtype and tuple(dst.shape) == stored.info.shape and dst.is_contiguous():
+        read_tensor(stored, out=dst)
+    else:
+        dst.copy_(read_tensor(stored))
+
+
 def _layout(i: int, prefix: str, disk: set[str], local: dict[str, Tensor]) -> LayerLayout:
     """Map layer ``i``'s module tensors to its on-disk keys (identity, or a stock per-expert layout)."""
     if {prefix + k for k in local} == disk:
@@ -350,10 +360,10 @@ def _layer_tensors(plan: _Plan, lay: LayerLayout, local: dict[str, Tensor]) -> d
         for j in range(lay.num_experts):
             if name.endswith("gate_up_proj"):
                 f = meta.shape[1] // 2
-                fused[j, :f] = _read(plan, lay.keymap["expert_gate_proj"].format(i=lay.index, j=j))
-                fused[j, f:] = _read(plan, lay.keymap["expert_up_proj"].format(i=lay.index, j=j))
+                _read_into(plan, lay.keymap["expert_gate_proj"].format(i=lay.index, j=j), fused[j, :f])
+                _read_into(plan, lay.keymap["expert_up_proj"].format(i=lay.index, j=j), fused[j, f:])
             else:
-                fused[j] = _read(plan, lay.keymap["expert_down_proj"].format(i=lay.index, j=j))
+                _read_into(plan, lay.keymap["expert_down_proj"].format(i=lay.index, j=j), fused[j])
         out[name] = fused
     return out
 

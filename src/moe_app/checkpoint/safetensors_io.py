@@ -140,12 +140,18 @@ def read_header(path: str | Path) -> tuple[dict[str, StoredTensor], dict[str, st
     return out, metadata
 
 
-def read_tensor(stored: StoredTensor) -> Tensor:
-    """One tensor read from its file into a fresh tensor: one copy, no mapping, and the torch
-    allocator's 64-byte alignment. (safetensors' ``get_tensor`` returns buffers aligned to 8 bytes;
-    BLAS picks its code path by alignment, so a product on such a weight can differ in the last bit
-    from the same product on a model's own parameters.) A short or vanished file is a ``CheckpointError``."""
-    t = torch.empty(stored.info.shape, dtype=stored.info.dtype)  # (shape)
+def read_tensor(stored: StoredTensor, out: Tensor | None = None) -> Tensor:
+    """One tensor read from its file into a fresh tensor, or into ``out`` (a contiguous CPU tensor of
+    its dtype and shape, e.g. one expert's slice of a stacked parameter): one copy, no mapping, and
+    the torch allocator's 64-byte alignment. (safetensors' ``get_tensor`` returns buffers aligned to
+    8 bytes; BLAS picks its code path by alignment, so a product on such a weight can differ in the
+    last bit from the same product on a model's own parameters.) A short or vanished file is a
+    ``CheckpointError``."""
+    if out is None:
+        out = torch.empty(stored.info.shape, dtype=stored.info.dtype)  # (shape)
+    elif out.dtype != stored.info.dtype or tuple(out.shape) != stored.info.shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {stored.info.dtype} tensor of shape {stored.info.shape}")
+    t = out
     view = tensor_buffer(t)  # t's own bytes (contiguous, so no copy)
     path = stored.path
     try:
