@@ -151,13 +151,17 @@ def read_tensor(stored: StoredTensor, out: Tensor | None = None) -> Tensor:
         out = torch.empty(stored.info.shape, dtype=stored.info.dtype)  # (shape)
     elif out.dtype != stored.info.dtype or tuple(out.shape) != stored.info.shape or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {stored.info.dtype} tensor of shape {stored.info.shape}")
-    t = out
-    view = tensor_buffer(t)  # t's own bytes (contiguous, so no copy)
+    view = tensor_buffer(out)  # out's own bytes (contiguous, so no copy)
     path = stored.path
+    n = 0
     try:
         with open(path, "rb") as f:
             f.seek(stored.offset)
-            n = f.readinto(view)
+            while n < view.nbytes:  # one read(2) returns at most ~2 GiB
+                got = f.readinto(view[n:])
+                if not got:
+                    break
+                n += got
     except FileNotFoundError as e:
         raise CheckpointError(
             f"{path.name} is missing",
@@ -174,7 +178,7 @@ def read_tensor(stored: StoredTensor, out: Tensor | None = None) -> Tensor:
             where=str(path),
             fix="the file was cut short (an interrupted copy, download or write): copy it again or regenerate it",
         )
-    return t
+    return out
 
 
 def layout(infos: Iterable[TensorInfo]) -> dict[str, tuple[int, int]]:

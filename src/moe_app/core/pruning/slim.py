@@ -297,7 +297,8 @@ def expert_weight_sparsity(model: nn.Module) -> float:
 
 def _zeros_and_size(tensors: Sequence[Tensor]) -> tuple[int, int]:
     """Exact zeros and elements in ``tensors``. ``count_nonzero`` reads each tensor once; ``(p == 0).sum()``
-    would widen a bool copy to int64 first (8 bytes per weight: ~150 MB for one Mixtral-sized layer)."""
+    would widen a bool copy to int64 first (8 bytes per weight: 151 MB for the stacked gate/up of
+    6 experts at hidden 1024, width 1536)."""
     total = sum(t.numel() for t in tensors)
     return total - sum(int(torch.count_nonzero(t)) for t in tensors), total
 
