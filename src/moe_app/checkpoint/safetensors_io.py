@@ -106,17 +106,9 @@ def read_header(path: str | Path) -> tuple[dict[str, StoredTensor], dict[str, st
                 raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
             header = json.loads(f.read(n))
     except FileNotFoundError as e:
-        raise CheckpointError(
-            f"{path.name} is missing",
-            where=str(path),
-            fix="the checkpoint is incomplete (or was removed while in use): copy it again or regenerate it",
-        ) from e
+        raise _missing(path) from e
     except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-        raise CheckpointError(
-            f"{path.name} is truncated or corrupt ({e})",
-            where=str(path),
-            fix="the file was cut short (an interrupted copy, download or write): copy it again or regenerate it",
-        ) from e
+        raise _cut_short(path, f"is truncated or corrupt ({e})") from e
     metadata = header.pop("__metadata__", None) or {}
     start = 8 + n
     out: dict[str, StoredTensor] = {}
@@ -163,22 +155,32 @@ def read_tensor(stored: StoredTensor, out: Tensor | None = None) -> Tensor:
                     break
                 n += got
     except FileNotFoundError as e:
-        raise CheckpointError(
-            f"{path.name} is missing",
-            where=str(path),
-            fix="the checkpoint is incomplete (or was removed while in use): copy it again or regenerate it",
-        ) from e
+        raise _missing(path) from e
     except OSError as e:
         raise CheckpointError(
             f"could not read {path.name} ({e})", where=str(path), fix="check the disk"
         ) from e
     if n != view.nbytes:
-        raise CheckpointError(
-            f"{path.name} is truncated: {stored.info.name!r} needs {view.nbytes} bytes, {n} were there",
-            where=str(path),
-            fix="the file was cut short (an interrupted copy, download or write): copy it again or regenerate it",
+        raise _cut_short(
+            path, f"is truncated: {stored.info.name!r} needs {view.nbytes} bytes, {n} were there"
         )
     return out
+
+
+def _missing(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path.name} is missing",
+        where=str(path),
+        fix="the checkpoint is incomplete (or was removed while in use): copy it again or regenerate it",
+    )
+
+
+def _cut_short(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path.name} {what}",
+        where=str(path),
+        fix="the file was cut short (an interrupted copy, download or write): copy it again or regenerate it",
+    )
 
 
 def layout(infos: Iterable[TensorInfo]) -> dict[str, tuple[int, int]]:
