@@ -107,7 +107,7 @@ from moe_app.core.pruning.experts import (
     record_pruning,
     sync_expert_count,
 )
-from moe_app.core.pruning.layerwise import LayerRunner, block_inputs, record_block_io
+from moe_app.core.pruning.layerwise import LayerRunner, block_inputs, block_io_hook, record_block_io
 from moe_app.core.pruning.saliency import global_keep_counts, saliency_scores
 from moe_app.core.pruning.skipping import weight_ratios
 from moe_app.core.pruning.slim import LayerSlimResult, SlimReport, slim_layer
@@ -593,14 +593,10 @@ class _Pass:
         return self.streams[self.variant_of[name]]
 
     def embed(self) -> None:
-        """Every stream starts at the input embeddings (then the embedding matrix goes back to ``meta``)."""
-        embeddings = self.plan.model.get_input_embeddings()
-        _materialise(self.plan, _name_of(self.plan.model, embeddings))
-        for b in self.batches:
-            h = self.plan.runner.embed(b["input_ids"])  # (B, S, d)
+        """Every stream starts at the input embeddings."""
+        for h in _embedded(self.plan, self.batches):
             for s in self.streams.values():
                 s.append(h)
-        embeddings.to("meta")
 
     def _inputs(self, name: str, i: int, view: MoeLayerView) -> TensorList:
         """The block inputs of layer ``i`` along stream ``name`` (the block itself is not run)."""
@@ -699,6 +695,18 @@ class _Pass:
             s.release()
 
 
+def _embedded(plan: _Plan, batches: list[dict[str, Tensor]]) -> Iterator[Tensor]:
+    """The input embeddings ``(B, S, d)`` of each batch (the embedding matrix is read for them and
+    sent back to ``meta`` after the last one)."""
+    embeddings = plan.model.get_input_embeddings()
+    _materialise(plan, _name_of(plan.model, embeddings))
+    try:
+        for b in batches:
+            yield plan.runner.embed(b["input_ids"])  # (B, S, d)
+    finally:
+        embeddings.to("meta")
+
+
 def _stream_loss(plan: _Plan, batches: list[dict[str, Tensor]], stream: TensorList) -> float:
     """:func:`~moe_app.core.pruning.calibration.eval_loss` from the final hidden states ``stream``
     (the final norm and LM head must be materialised)."""
@@ -736,11 +744,8 @@ def _score_pass(
     existing = {int(k): float(v) for k, v in ((spec.skipping or {}) if spec else {}).items()}
     current: dict[str, Any] = {"acc": {}}
     stream = TensorList(spill)
-    embeddings = plan.model.get_input_embeddings()
-    _materialise(plan, _name_of(plan.model, embeddings))
-    for b in batches:
-        stream.append(plan.runner.embed(b["input_ids"]))  # (B, S, d)
-    embeddings.to("meta")
+    for h in _embedded(plan, batches):
+        stream.append(h)
     try:
         for i in progress(range(plan.runner.num_layers), desc=desc, unit="layer"):
             layer = _materialise_layer(plan, i)
@@ -785,13 +790,8 @@ def _global_keep_counts(
     def hooks(i: int, layer: nn.Module, current: dict[str, Any]) -> list[Any]:
         if i not in plan.moe:
             return []
-        xs = current[i] = []
-
-        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else kwargs["hidden_states"]
-            xs.append(x.reshape(-1, x.shape[-1])[current["mask"]].detach().cpu())  # (T_b, d)
-
-        return [view_of(layer.mlp).module.register_forward_pre_hook(pre, with_kwargs=True)]
+        current[i] = []
+        return [block_io_hook(view_of(layer.mlp).module, lambda: current["mask"], current[i])]
 
     def after(i: int, layer: nn.Module, current: dict[str, Any]) -> None:
         if i in plan.moe:
@@ -971,16 +971,17 @@ class _Stage:
         last pass (skipping, loss after, the output) over what is left."""
         job, batches = self.job, self.batches
         spill = self.scratch.spill(plan, batches, 1)
-        before = report.get("eval_loss_before")
-        want_before = job.eval_before_after and "eval_loss_before" not in report
+
+        def score(hooks, desc: str) -> dict[int, float]:
+            """One scoring pass; the first pass over the unmodified model also gives the loss before."""
+            want = job.eval_before_after and "eval_loss_before" not in report
+            scores, loss = _score_pass(plan, batches, spill, hooks, want, desc)
+            if want:
+                report["eval_loss_before"] = loss
+            return scores
+
         if job.block_drop:
-            scores, loss = _score_pass(
-                plan, batches, spill, lambda i, layer, cur: [block_drop_hook(layer, i, cur)], want_before,
-                "score blocks",
-            )  # fmt: skip
-            if want_before:
-                before = report["eval_loss_before"] = loss
-                want_before = False
+            scores = score(lambda i, layer, cur: [block_drop_hook(layer, i, cur)], "score blocks")
             drop = most_similar(scores, job.block_drop)
             _delete_blocks(plan, drop)
             report["block_drop"] = drop_entry("block drop: removed decoder blocks", scores, drop)
@@ -989,15 +990,13 @@ class _Stage:
             def hooks(i: int, layer: nn.Module, cur: dict[str, Any]) -> list[Any]:
                 return layer_drop_hooks(layer, i, f"{plan.runner.path}.{i}", cur) if i in plan.moe else []
 
-            scores, loss = _score_pass(plan, batches, spill, hooks, want_before, "score MoE sublayers")
-            if want_before:
-                before = report["eval_loss_before"] = loss
+            scores = score(hooks, "score MoE sublayers")
             drop = most_similar(scores, job.layer_drop)
             how = layer_drop_how(plan.model)
             _drop_mlps(plan, drop)
             report["layer_drop"] = drop_entry(f"layer drop: {how} MoE sublayers", scores, drop)
         rest = dataclasses.replace(job, experts=None)
-        self.prune_pass(plan, rest, out, report, before=before)
+        self.prune_pass(plan, rest, out, report, before=report.get("eval_loss_before"))
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:

@@ -96,12 +96,12 @@ class LayerRunner:
         return float(nll.sum()), int(counted.sum())
 
 
-@contextlib.contextmanager
-def record_block_io(
+def block_io_hook(
     module: nn.Module, mask: Callable[[], Tensor], xs: list[Tensor], zs: list[Tensor] | None = None
-) -> Iterator[None]:
-    """While active, every forward of ``module`` appends its input (and output) on the tokens where
-    ``mask()`` ``(B*S,)`` is true to ``xs`` (and ``zs``): ``(T_b, d)`` CPU tensors."""
+) -> Any:
+    """A forward hook on ``module`` (returned: its handle) appending, on every forward, its input (and
+    output) on the tokens where ``mask()`` ``(B*S,)`` is true to ``xs`` (and ``zs``): ``(T_b, d)``
+    CPU tensors."""
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         x = args[0] if args else kwargs["hidden_states"]
@@ -111,7 +111,15 @@ def record_block_io(
             z = out[0] if isinstance(out, (tuple, list)) else out
             zs.append(z.reshape(-1, z.shape[-1])[keep].detach().cpu())  # (T_b, d)
 
-    handle = module.register_forward_hook(hook, with_kwargs=True)
+    return module.register_forward_hook(hook, with_kwargs=True)
+
+
+@contextlib.contextmanager
+def record_block_io(
+    module: nn.Module, mask: Callable[[], Tensor], xs: list[Tensor], zs: list[Tensor] | None = None
+) -> Iterator[None]:
+    """:func:`block_io_hook` while the context is active."""
+    handle = block_io_hook(module, mask, xs, zs)
     try:
         yield
     finally:
@@ -145,4 +153,4 @@ def block_inputs(
     return got[0]
 
 
-__all__ = ["LayerRunner", "block_inputs", "record_block_io"]
+__all__ = ["LayerRunner", "block_inputs", "block_io_hook", "record_block_io"]
