@@ -17,6 +17,8 @@ streamed output is loaded in stock transformers (a forward pass, ``num_local_exp
 al.'s block drop, layer drop and expert slimming to the same job: the streamed path then writes the
 expert-pruned model to a temporary checkpoint, scores the blocks and the MoE sublayers in passes of
 their own, and slims and writes the result in a last pass, each pass one decoder layer at a time.
+``--kind qwen2_moe --quantize nf4|int8`` writes a random Qwen2-MoE instead (a shared expert 4x the
+expert width) and quantises its shared-expert linears as each layer is written.
 
 Run it under the shared memory lock (the in-memory baseline needs ~2x the checkpoint):
 
@@ -46,23 +48,32 @@ from _common import cpu_model, peak_rss_mb, rss_mb
 MB = 1024**2
 
 
-def make_mixtral(path: Path, layers: int, hidden: int, ffn: int, experts: int, vocab: int) -> int:
-    """A seeded random Mixtral in bf16 with the stock on-disk names, written tensor by tensor; returns bytes."""
+def make_stock(path: Path, kind: str, layers: int, hidden: int, ffn: int, experts: int, vocab: int) -> int:
+    """A seeded random stock MoE (``mixtral`` or ``qwen2_moe``, whose shared expert is ``4 * ffn``
+    wide) in bf16 with the stock on-disk names, written tensor by tensor; returns bytes."""
     import torch
-    from transformers import AutoModelForCausalLM, MixtralConfig
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
 
-    from moe_app.checkpoint.keymaps import MIXTRAL
+    from moe_app.checkpoint.keymaps import FORMAT_ARCHITECTURES, FORMAT_KEYMAPS
     from moe_app.checkpoint.model_dir import unique_state_dict
     from moe_app.checkpoint.shards import ShardWriter
     from moe_app.core.data.tokenizer import suite_tokenizer
 
     tok = suite_tokenizer()
-    cfg = MixtralConfig(
-        vocab_size=max(vocab, len(tok)), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), num_local_experts=experts,
+    common = dict(
+        vocab_size=max(vocab, len(tok)), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
         num_experts_per_tok=2, tie_word_embeddings=False, max_position_embeddings=512, dtype=torch.bfloat16,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
+    if kind == "mixtral":
+        cfg = MixtralConfig(**common, intermediate_size=ffn, num_local_experts=experts)
+    else:
+        cfg = Qwen2MoeConfig(
+            **common, intermediate_size=4 * ffn, moe_intermediate_size=ffn, num_experts=experts,
+            shared_expert_intermediate_size=4 * ffn,
+        )  # fmt: skip
+    keymap = FORMAT_KEYMAPS[kind]
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     path.mkdir(parents=True)
@@ -77,19 +88,19 @@ def make_mixtral(path: Path, layers: int, hidden: int, ffn: int, experts: int, v
         if key.endswith("norm.weight"):
             writer.add(key, torch.ones(shape, dtype=torch.bfloat16))
         elif key.endswith("mlp.gate.weight"):  # routers that prefer some experts
-            writer.add(key.replace(".mlp.", ".block_sparse_moe."), rand(shape, 0.5))
+            writer.add(keymap["router"].format(i=int(key.split(".")[2])), rand(shape, 0.5))
         elif key.endswith("mlp.experts.gate_up_proj") or key.endswith("mlp.experts.down_proj"):
             i = int(key.split(".")[2])
             for j in range(shape[0]):
                 if key.endswith("gate_up_proj"):
-                    writer.add(MIXTRAL["expert_gate_proj"].format(i=i, j=j), rand((ffn, hidden), 0.02))
-                    writer.add(MIXTRAL["expert_up_proj"].format(i=i, j=j), rand((ffn, hidden), 0.02))
+                    writer.add(keymap["expert_gate_proj"].format(i=i, j=j), rand((ffn, hidden), 0.02))
+                    writer.add(keymap["expert_up_proj"].format(i=i, j=j), rand((ffn, hidden), 0.02))
                 else:
-                    writer.add(MIXTRAL["expert_down_proj"].format(i=i, j=j), rand((hidden, ffn), 0.02))
+                    writer.add(keymap["expert_down_proj"].format(i=i, j=j), rand((hidden, ffn), 0.02))
         else:
             writer.add(key, rand(shape, 0.02))
     writer.close()
-    cfg.architectures = ["MixtralForCausalLM"]
+    cfg.architectures = [FORMAT_ARCHITECTURES[kind]]
     cfg.save_pretrained(path)
     tok.save_pretrained(path)
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
@@ -109,6 +120,7 @@ def child(args: argparse.Namespace) -> None:
         block_drop=args.block_drop,
         layer_drop=args.layer_drop,
         slim=SlimConfig(method=args.slim, sparsity=args.sparsity) if args.slim else None,
+        quantize=args.quantize,
         calibration=CalibrationConfig(
             data="builtin", num_samples=args.samples, max_length=args.length, batch_size=4
         ),
@@ -139,6 +151,8 @@ def run_child(mode: str, args: argparse.Namespace, src: Path, out: Path) -> dict
     cmd += ["--block-drop", str(args.block_drop), "--layer-drop", str(args.layer_drop)]
     if args.slim:
         cmd += ["--slim", args.slim] + (["--sparsity", str(args.sparsity)] if args.sparsity else [])
+    if args.quantize:
+        cmd += ["--quantize", args.quantize]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"{mode} child failed:\n{res.stderr[-3000:]}")
@@ -173,8 +187,10 @@ def reload_check(out: Path) -> str:
     code = (
         "import sys, torch; from transformers import AutoModelForCausalLM; "
         "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
-        "ids = torch.arange(1, 17).unsqueeze(0); "
-        "print(m.config.num_local_experts, bool(torch.isfinite(m(input_ids=ids).logits.float()).all()))"
+        "ids = torch.arange(1, 17).unsqueeze(0); c = m.config; "
+        "n = getattr(c, 'num_local_experts', None) or c.num_experts; "
+        "q = sum(type(x).__name__ in ('Linear4bit', 'Linear8bitLt') for x in m.modules()); "
+        "print(n, q, bool(torch.isfinite(m(input_ids=ids).logits.float()).all()))"
     )
     res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=False)
     if res.returncode != 0:
@@ -184,6 +200,7 @@ def reload_check(out: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", default="mixtral", choices=["mixtral", "qwen2_moe"])
     p.add_argument("--layers", type=int, default=40)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--ffn", type=int, default=1536, help="expert width")
@@ -193,6 +210,9 @@ def main() -> None:
     p.add_argument("--layer-drop", type=int, default=0, help="also drop N MoE sublayers (He et al.)")
     p.add_argument("--slim", default=None, help="also slim the experts: wanda, sparsegpt or 2:4")
     p.add_argument("--sparsity", type=float, default=None, help="--slim wanda/sparsegpt: fraction zeroed")
+    p.add_argument(
+        "--quantize", default=None, help="also quantise the expert linears: nf4 or int8 (--kind qwen2_moe)"
+    )
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument(
         "--budget", default="1GB", help="memory budget (--memory_budget); the checkpoint exceeds it"
@@ -215,16 +235,17 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="prune-streamed-", dir=args.work))
     try:
         t0 = time.perf_counter()
-        src = work / "mixtral"
-        size = make_mixtral(src, args.layers, args.hidden, args.ffn, args.experts, args.vocab)
+        src = work / args.kind
+        size = make_stock(src, args.kind, args.layers, args.hidden, args.ffn, args.experts, args.vocab)
         print(f"machine: {cpu_model()}")
         print(
-            f"random Mixtral: {args.layers} layers, hidden {args.hidden}, {args.experts} experts of width "
+            f"random {args.kind}: {args.layers} layers, hidden {args.hidden}, {args.experts} experts of width "
             f"{args.ffn}, bf16: {size / 1e9:.2f} GB on disk (written in {time.perf_counter() - t0:.0f} s, "
             f"generator peak RSS {peak_rss_mb():.0f} MB); prune to r = {args.keep} by enumeration"
             + (f", block drop {args.block_drop}" if args.block_drop else "")
             + (f", layer drop {args.layer_drop}" if args.layer_drop else "")
             + (f", slim {args.slim} {args.sparsity or ''}" if args.slim else "")
+            + (f", quantize {args.quantize}" if args.quantize else "")
             + f", memory budget {args.budget}"
         )
         runs: dict[str, list[dict]] = {"streamed": [], "in-memory": []}
@@ -259,9 +280,10 @@ def main() -> None:
                     f"dropped blocks / MoE sublayers: streamed {s[-1]['dropped']}, in-memory {m[-1]['dropped']}"
                 )
             shutil.rmtree(work / f"in-memory-{last}")
-        experts, finite = reload_check(work / f"streamed-{last}").split()
+        experts, quantised, finite = reload_check(work / f"streamed-{last}").split()
         print(
-            f"stock transformers reload of the streamed output: num_local_experts={experts}, finite logits={finite}"
+            f"stock transformers reload of the streamed output: {experts} experts per layer, "
+            f"{quantised} bitsandbytes modules, finite logits={finite}"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

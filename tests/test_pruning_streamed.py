@@ -262,6 +262,37 @@ def test_streamed_global_expert_drop_equals_in_memory(tmp_path, tok):
     _same_result(a, b, mem, out, tok, moe_app.load_model)
 
 
+@pytest.mark.parametrize(
+    ("scheme", "extra"),
+    [("nf4", {"block_drop": 1, "slim": SlimConfig(method="wanda", sparsity=0.5)}), ("int8", {})],
+    ids=["nf4-drop-slim", "int8"],
+)
+def test_streamed_quantisation_equals_in_memory(tmp_path, tok, scheme, extra):
+    """--quantize streams: each layer's shared-expert linears are quantised as it is written (the
+    steps of transformers' loader), so the shards hold the in-memory run's bytes, the config the same
+    ``quantization_config``, and the quantised loss (a stream through the quantised layers) is the
+    in-memory quantised model's; the output loads in stock transformers as bitsandbytes modules."""
+    from transformers import AutoModelForCausalLM
+
+    src = _save_stock("qwen2_moe", tmp_path / "src", tok, num_hidden_layers=3)
+    job = PruneJob(experts=ExpertPruneConfig(keep=6), quantize=scheme, calibration=CALIB, **extra)
+    a, b, mem, out = _pair(src, tmp_path, job, activation_budget=0)
+    assert b["eval_loss_quantized"] != b["eval_loss_after"]  # something was quantised
+    _same_result(a, b, mem, out, tok, lambda d: AutoModelForCausalLM.from_pretrained(d).eval())
+    cfg_a, cfg_b = (json.loads((d / "config.json").read_text()) for d in (mem, out))
+    assert cfg_b == cfg_a and cfg_b["quantization_config"]["quant_method"] == "bitsandbytes"
+    stages = [
+        json.loads((d / "moe_app_lineage.json").read_text())["lineage"][-1]["config"] for d in (mem, out)
+    ]
+    assert stages[1].pop("streaming") is True and stages[1] == stages[0]
+    want = "Linear4bit" if scheme == "nf4" else "Linear8bitLt"
+    kinds = {
+        type(m).__name__ for m in AutoModelForCausalLM.from_pretrained(out).model.layers[-1].mlp.modules()
+    }
+    assert want in kinds
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in-memory", "src", "streamed"]  # scratch gone
+
+
 def test_streamed_tensors_are_read_aligned_so_reports_match_to_the_bit(tmp_path, tok):
     """A source whose routers already skip (betas from an earlier prune): with safetensors'
     8-byte-aligned buffers the last layer's reconstruction loss came out ~1e-8 off the in-memory
@@ -288,8 +319,9 @@ def test_streamed_tensors_are_read_aligned_so_reports_match_to_the_bit(tmp_path,
 def test_streaming_refusals_name_the_option_and_write_nothing(moe_dir, tmp_path, tok):
     out = tmp_path / "out"
     job = PruneJob(experts=ExpertPruneConfig(keep=4), quantize="nf4", calibration=CALIB)
-    with pytest.raises(MoeAppError, match="--quantize is not supported by the layer-streamed path yet"):
-        prune_checkpoint(moe_dir, out, job, streaming="on")
+    assert streaming_problems(job) == []
+    with pytest.raises(MoeAppError, match="moe-app checkpoint's experts are fused"):
+        prune_checkpoint(moe_dir, out, job, streaming="on")  # the in-memory path's refusal, before any pass
     job = PruneJob(experts=ExpertPruneConfig(keep=4, method="expert_drop", scope="global"), calibration=CALIB)
     assert streaming_problems(job) == []
     stock = _save_stock("mixtral", tmp_path / "stock", tok)
@@ -334,7 +366,7 @@ def test_auto_streams_above_the_memory_budget_and_cli_flag(moe_dir, tmp_path, ca
     assert main(args) == 0
     assert "moe-app checkpoint, streaming" in capsys.readouterr().out
     assert main([*args[:-1], "on", "--out", str(tmp_path / "d"), "--quantize", "nf4"]) == 2
-    assert "--quantize is not supported by the layer-streamed path yet" in capsys.readouterr().err
+    assert "moe-app checkpoint's experts are fused" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 

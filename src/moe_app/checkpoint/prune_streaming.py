@@ -42,9 +42,12 @@ the loss after and writes the output. Each pass holds one decoder layer.
 
 Global expert drop (``scope="global"``) ranks the experts of every layer before pruning any: its
 scores come from a pass of their own over the original model, and the pruning pass then keeps each
-layer's count. What the streamed path cannot do is refused up front (:func:`streaming_problems`):
-``--quantize`` goes through transformers' bitsandbytes loader with the whole model; ``--streaming
-auto`` then prunes in memory.
+layer's count. ``--quantize`` is applied to each layer of the last pass as it is written: its expert
+linears become bitsandbytes modules by the steps of transformers' loader
+(:func:`~moe_app.checkpoint.quantized.quantize_linears`; in memory the whole model goes through that
+loader), so the shards hold the same bytes, and a stream through the quantised layers gives the
+quantised loss. Job options the streamed path does not implement are refused up front
+(:func:`streaming_problems`; today none), and ``--streaming auto`` then prunes in memory.
 """
 
 from __future__ import annotations
@@ -76,6 +79,13 @@ from moe_app.checkpoint.model_dir import (
 from moe_app.checkpoint.pesc import is_pesc_adapter_dir
 from moe_app.checkpoint.pretrained import read_lineage, write_lineage_file
 from moe_app.checkpoint.pruning import PruneJob, checked_paths, validate_job
+from moe_app.checkpoint.quantized import (
+    bnb_config,
+    expert_linears,
+    quantize_linears,
+    restore_linears,
+    skip_patterns,
+)
 from moe_app.checkpoint.safetensors_io import StoredTensor, read_header, read_tensor
 from moe_app.checkpoint.shards import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -125,6 +135,7 @@ _SUPPORTED_FIELDS = {
     "slim",
     "skipping",
     "calibration",
+    "quantize",
     "eval_before_after",
 }
 
@@ -369,12 +380,16 @@ def _layer_tensors(plan: _Plan, lay: LayerLayout, local: dict[str, Tensor]) -> d
 
 
 def _disk_tensors(lay: LayerLayout, state: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
-    """A (pruned) layer's tensors under the checkpoint's own names: experts split and renumbered."""
+    """A (pruned) layer's tensors under the checkpoint's own names: experts split and renumbered.
+
+    A quantised linear's extra tensors (``weight.absmax``, ``SCB``, ...) go next to its weight."""
     for name, t in state.items():
         if lay.keymap is None:
             yield lay.prefix + name, t
         elif name in lay.direct:
             yield lay.direct[name], t
+        elif (key := _beside_weight(lay, name)) is not None:
+            yield key, t
     if lay.keymap is None:
         return
     gate_up, down = state["mlp.experts.gate_up_proj"], state["mlp.experts.down_proj"]
@@ -385,6 +400,16 @@ def _disk_tensors(lay: LayerLayout, state: dict[str, Tensor]) -> Iterator[tuple[
         yield name["expert_gate_proj"].format(i=lay.index, j=j), gate_up[j, :f].clone()
         yield name["expert_up_proj"].format(i=lay.index, j=j), gate_up[j, f:].clone()
         yield name["expert_down_proj"].format(i=lay.index, j=j), down[j].clone()
+
+
+def _beside_weight(lay: LayerLayout, name: str) -> str | None:
+    """The on-disk key of a quantised linear's extra tensor (``...gate_proj.weight.absmax``,
+    ``...gate_proj.SCB``): next to that linear's weight."""
+    for local, key in lay.direct.items():
+        module = local[: -len("weight")]  # "mlp.shared_expert.gate_proj."
+        if local.endswith(".weight") and name.startswith(module):
+            return key[: -len("weight")] + name[len(module) :]
+    return None
 
 
 def _plan(src: Path, trust_remote_code: bool = False) -> _Plan:
@@ -537,8 +562,26 @@ class _Variant:
     """How a carried hidden-state stream runs each layer: at which stage of the change, with which
     skip betas."""
 
-    stage: int  # 0: as loaded; 1: experts pruned; 2: experts pruned and slimmed
+    stage: int  # 0: as loaded; 1: experts pruned; 2: pruned and slimmed; 3: as written, quantised
     betas: str  # "existing" (as loaded), "none" (skipping off), "new" (the calibrated ones)
+
+
+@dataclass
+class _Quant:
+    """``--quantize``: the expert linears to quantise (full names in the model as written) and
+    transformers' ``BitsAndBytesConfig`` (the ``quantization_config`` of the output's config)."""
+
+    linears: list[str]
+    config: Any
+
+    @classmethod
+    def of(cls, model: nn.Module, scheme: str, dtype: torch.dtype) -> _Quant:
+        linears = expert_linears(model)
+        return cls(linears, bnb_config(scheme, dtype, skip_patterns(model, linears)))
+
+    def in_layer(self, prefix: str) -> list[str]:
+        """The linears of the layer at ``prefix`` (``model.layers.3.``), relative to it."""
+        return [n[len(prefix) :] for n in self.linears if n.startswith(prefix)]
 
 
 def _set_betas(view: MoeLayerView | None, betas: str, existing: float | None, new: float | None) -> None:
@@ -550,12 +593,13 @@ def _set_betas(view: MoeLayerView | None, betas: str, existing: float | None, ne
 class _Pass:
     """One layer-by-layer pass over the model, carrying the calibration hidden states.
 
-    Up to five streams of hidden states, each following the layers as one in-memory step sees them:
+    Up to six streams of hidden states, each following the layers as one in-memory step sees them:
     ``orig`` (the model as loaded: block inputs and target outputs, loss before), ``prog`` (through
     the pruned layers: progressive pruning's inputs), ``slim`` (through the pruned and slimmed layers:
     slimming's inputs, as :func:`~moe_app.core.pruning.slim.slim_experts` recomputes them), ``calib``
-    (the changed model, skipping off: the skipping betas) and ``final`` (the result, skipping on: skip
-    rates, loss after). Streams that run every layer the same way share one list.
+    (the changed model, skipping off: the skipping betas), ``final`` (the result, skipping on: skip
+    rates, loss after) and ``quant`` (the result with its expert linears quantised: the quantised
+    loss). Streams that run every layer the same way share one list.
     """
 
     def __init__(
@@ -565,8 +609,9 @@ class _Pass:
         batches: list[dict[str, Tensor]],
         spill: Path | None,
         after: bool = True,
+        quant: _Quant | None = None,
     ):
-        self.plan, self.job, self.batches, self.spill = plan, job, batches, spill
+        self.plan, self.job, self.batches, self.spill, self.quant = plan, job, batches, spill, quant
         spec = spec_of(plan.model)
         self.existing = {int(k): float(v) for k, v in ((spec.skipping or {}) if spec else {}).items()}
         experts = job.experts is not None
@@ -581,6 +626,8 @@ class _Pass:
             wanted["calib"] = _Variant(last, none)
         if (job.eval_before_after and after) or job.skipping:
             wanted["final"] = _Variant(last, "new" if job.skipping else "existing")
+        if quant is not None and job.eval_before_after and after:
+            wanted["quant"] = _Variant(3, "new" if job.skipping else "existing")
         self.variant_of = wanted
         self.streams = {v: TensorList(spill) for v in dict.fromkeys(wanted.values())}
         self.results: list[LayerPruneResult] = []
@@ -645,7 +692,7 @@ class _Pass:
         calib = (
             self._inputs("calib", i, view) if view is not None and job.skipping and view.top_k >= 2 else None
         )
-        orig = self.variant_of["orig"]
+        orig, quant = self.variant_of["orig"], self.variant_of.get("quant")  # quant: after the write
         xs, zs = (TensorList(self.spill), TensorList(self.spill)) if pruning else (None, None)
         self._run(i, orig, view, None, xs, zs)
         if pruning:
@@ -673,16 +720,27 @@ class _Pass:
             new = self.betas[i] = float(weight_ratios(view, calib).median())
             calib.release()
         for variant in list(self.streams):
-            if variant != orig and not (slim is not None and variant.stage == 1):
+            if variant not in (orig, quant) and not (slim is not None and variant.stage == 1):
                 self._run(i, variant, view, new)
         _set_betas(view, "new" if job.skipping else "existing", self.existing.get(i), new)
         if view is not None and hasattr(view.module, "last_routing"):
             view.module.last_routing = None
+        floats = {}
+        if self.quant is not None:  # last: a storage format, as in memory
+            floats = quantize_linears(
+                layer, self.quant.in_layer(f"{plan.runner.path}.{i}."), self.quant.config
+            )
         state = unique_state_dict(layer)
+        # quantised tensors are copied: bitsandbytes may repack a CPU weight on its first forward (quant)
+        quantised = tuple(f"{n}." for n in floats)
+        state = {k: t.clone() if k.startswith(quantised) else t for k, t in state.items()}
         writer.reserve(sum(t.numel() * t.element_size() for t in state.values()))
         for name, t in _disk_tensors((plan.out_layouts or plan.layouts)[i], state):
             writer.add(name, t)
         del state
+        if quant is not None:
+            self._run(i, quant, view, new)
+        restore_linears(layer, floats)
         layer.to("meta")
         _trim_heap()
 
@@ -894,7 +952,9 @@ def prune_checkpoint_streaming(
             stage.prune_pass(plan, job, out, report)
         else:
             if job.experts is not None:  # the experts first, as in memory: the drops score the pruned model
-                experts = dataclasses.replace(job, block_drop=0, layer_drop=0, slim=None, skipping=False)
+                experts = dataclasses.replace(
+                    job, block_drop=0, layer_drop=0, slim=None, skipping=False, quantize=None
+                )
                 mid = scratch.checkpoint()
                 stage.prune_pass(plan, experts, mid, report, intermediate=True, after=False)
                 plan = _plan(mid)
@@ -934,10 +994,11 @@ class _Stage:
         ``before``: the loss before, when an earlier pass measured it on the unmodified model;
         ``after``: whether to measure the loss after (not for a checkpoint a later pass changes)."""
         batches = self.batches
-        run = _Pass(plan, job, batches, None, after)
+        quant = _Quant.of(plan.model, job.quantize, plan.dtype) if job.quantize else None
+        run = _Pass(plan, job, batches, None, after, quant)
         spill = self.scratch.spill(plan, batches, len(run.streams))
         if spill is not None:
-            run = _Pass(plan, job, batches, spill, after)
+            run = _Pass(plan, job, batches, spill, after, quant)
         if job.experts is not None and job.experts.scope == "global":
             run.keep = _global_keep_counts(plan, batches, spill, job.experts.keep)
 
@@ -959,10 +1020,12 @@ class _Stage:
                 losses = {"eval_loss_before": run.loss("orig") if before is None else before}
                 if after:
                     losses["eval_loss_after"] = run.loss("final")
+                if "quant" in run.variant_of:
+                    losses["eval_loss_quantized"] = run.loss("quant")
             _finish_report(plan, job, batches, run, report, losses)
 
         try:
-            _write(plan, out, fill, report, self.job, self.src, self.kind, self.shard, intermediate)
+            _write(plan, out, fill, report, self.job, self.src, self.kind, self.shard, intermediate, quant)
         finally:
             run.release()
 
@@ -1038,6 +1101,8 @@ def _finish_report(
             spec.pruning = {**(spec.pruning or {}), "skipping_calibration": report["skipping"]}
     if "eval_loss_after" in losses:
         report["eval_loss_after"] = losses["eval_loss_after"]
+    if "eval_loss_quantized" in losses:
+        report["eval_loss_quantized"] = losses["eval_loss_quantized"]
 
 
 def _write(
@@ -1050,11 +1115,13 @@ def _write(
     kind: str,
     shard,
     intermediate: bool = False,
+    quant: _Quant | None = None,
 ) -> None:
     """The output directory, atomically: config, shards filled layer by layer, tokenizer, lineage/spec.
 
     ``intermediate``: a checkpoint a later pass reads (no ``prune`` stage in its lineage: the last
-    pass records the whole job once)."""
+    pass records the whole job once); ``quant``: the layers were written quantised, and the config
+    says how (transformers' ``quantization_config``)."""
     from transformers import GenerationConfig
 
     model = plan.model
@@ -1067,6 +1134,7 @@ def _write(
             "layer_drop": job.layer_drop,
             "skipping": job.skipping,
             "slim": dataclasses.asdict(job.slim) if job.slim is not None else None,
+            "quantize": job.quantize,
             "calibration": dataclasses.asdict(job.calibration),
             "eval_loss_before": report.get("eval_loss_before"),
             "eval_loss_after": report.get("eval_loss_after"),
@@ -1080,6 +1148,8 @@ def _write(
         else:
             (staging / "config.json").unlink()
             model.config.architectures = [type(model).__name__]
+            if quant is not None:
+                model.config.quantization_config = quant.config
             model.config.save_pretrained(staging)  # the expert counts sync_expert_count wrote
             if not intermediate:
                 entry = {"stage": "prune", "time": utc_now(), "config": config}

@@ -25,13 +25,18 @@ How: the float model is first written (as ``moe-app prune`` would) to a scratch 
 ``out``, loaded back by transformers with the ``BitsAndBytesConfig`` on the CPU (bitsandbytes 0.50
 quantises there), and that model is saved with ``save_pretrained`` into ``out`` (atomically). Using
 transformers' own loader and serializer is what guarantees the output loads in stock transformers.
+The layer-streamed path (``moe-app prune --streaming``) cannot load the whole model, so it quantises
+one decoder layer at a time with the same steps (:func:`quantize_linears`: transformers'
+``replace_with_bnb_linear``, then each weight moved to its device as a ``Params4bit`` /
+``Int8Params``), and writes the modules' ``state_dict``, which is what ``save_pretrained`` writes;
+the tests hold the two outputs equal to the byte.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +158,49 @@ def quantized_modules(model: nn.Module) -> list[str]:
     return sorted(n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
 
 
+def quantize_linears(root: nn.Module, names: Sequence[str], config: Any) -> dict[str, nn.Module]:
+    """Swap ``root``'s ``nn.Linear`` modules ``names`` (relative to ``root``) for bitsandbytes ones
+    quantised from their own weights; return the float modules they replaced (:func:`restore_linears`).
+
+    The steps are those of transformers' loader in :func:`write_quantized` (``replace_with_bnb_linear``
+    builds the modules from ``config``, then each weight becomes a ``Params4bit`` / ``Int8Params``
+    moved to its device, which quantises it), so a layer quantised here holds the same bytes as the
+    model transformers loads, and its ``state_dict`` is what ``save_pretrained`` writes. This is
+    how ``moe-app prune --streaming`` quantises one decoder layer at a time.
+    """
+    import bitsandbytes as bnb
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    old = {n: root.get_submodule(n) for n in names}
+    others = [n for n, m in root.named_modules() if type(m) is nn.Linear and n not in old]
+    replace_with_bnb_linear(root, modules_to_not_convert=others, quantization_config=config)
+    got = quantized_modules(root)
+    if got != sorted(old):
+        restore_linears(root, old)
+        raise CheckpointError(
+            f"transformers made {got[:3]}... bitsandbytes modules instead of {sorted(old)[:3]}...",
+            where="--quantize",
+            fix="report this with your transformers / bitsandbytes versions; drop --quantize meanwhile",
+        )
+    for name, linear in old.items():
+        module, w = root.get_submodule(name), linear.weight.detach()
+        if config.load_in_4bit:
+            module.weight = bnb.nn.Params4bit(w, requires_grad=False, **module.weight.__dict__).to(w.device)
+        else:
+            kwargs = {k: v for k, v in module.weight.__dict__.items() if k != "SCB"}
+            module.weight = bnb.nn.Int8Params(w.to("cpu"), requires_grad=False, **kwargs).to(w.device)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        module.train(linear.training)  # a new module trains; bitsandbytes computes differently then
+    return old
+
+
+def restore_linears(root: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put back the modules :func:`quantize_linears` replaced."""
+    for name, module in modules.items():
+        root.set_submodule(name, module)
+
+
 def write_quantized(
     model: nn.Module,
     out: str | Path,
@@ -201,7 +249,9 @@ __all__ = [
     "check_quantizable",
     "expert_linears",
     "fused_expert_params",
+    "quantize_linears",
     "quantized_modules",
+    "restore_linears",
     "skip_patterns",
     "write_quantized",
 ]

@@ -26,11 +26,11 @@ shared expert; fused 3-D experts -- Mixtral, Qwen3-MoE, OLMoE, moe-app -- are re
 
 Checkpoints larger than ``--memory_budget`` (default: half the available memory) are pruned one
 decoder layer at a time (``--streaming auto``; ``on`` forces it, ``off`` loads the whole model):
-layer-wise, progressive or global expert pruning by any method, block drop, layer drop, ``--slim``
-and skipping calibration, with the same result as in memory (``checkpoint/prune_streaming.py``; the
-drops and global expert drop add a scoring pass each, and ``--keep`` with a drop writes the
-expert-pruned checkpoint to a temporary directory next to ``--out`` first: disk for one more
-checkpoint). ``--quantize`` needs the whole model: ``auto`` prunes it in memory, ``on`` refuses.
+layer-wise, progressive or global expert pruning by any method, block drop, layer drop, ``--slim``,
+skipping calibration and ``--quantize``, with the same result as in memory
+(``checkpoint/prune_streaming.py``; the drops and global expert drop add a scoring pass each, and
+``--keep`` with a drop writes the expert-pruned checkpoint to a temporary directory next to
+``--out`` first: disk for one more checkpoint).
 
 Steps run in this order: expert pruning (``--keep``), block drop, layer drop, expert slimming
 (``--slim``), skipping calibration, quantisation (``--quantize``, at write time). Coarse to fine: whole
