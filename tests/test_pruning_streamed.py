@@ -263,18 +263,21 @@ def test_streamed_global_expert_drop_equals_in_memory(tmp_path, tok):
 
 
 @pytest.mark.parametrize(
-    ("scheme", "extra"),
-    [("nf4", {"block_drop": 1, "slim": SlimConfig(method="wanda", sparsity=0.5)}), ("int8", {})],
-    ids=["nf4-drop-slim", "int8"],
+    ("scheme", "extra", "over"),
+    [
+        ("nf4", {"block_drop": 1, "slim": SlimConfig(method="wanda", sparsity=0.5)}, {}),
+        ("int8", {}, {"mlp_only_layers": [1]}),  # a dense layer: nothing to quantise there
+    ],
+    ids=["nf4-drop-slim", "int8-dense-layer"],
 )
-def test_streamed_quantisation_equals_in_memory(tmp_path, tok, scheme, extra):
+def test_streamed_quantisation_equals_in_memory(tmp_path, tok, scheme, extra, over):
     """--quantize streams: each layer's shared-expert linears are quantised as it is written (the
     steps of transformers' loader), so the shards hold the in-memory run's bytes, the config the same
     ``quantization_config``, and the quantised loss (a stream through the quantised layers) is the
     in-memory quantised model's; the output loads in stock transformers as bitsandbytes modules."""
     from transformers import AutoModelForCausalLM
 
-    src = _save_stock("qwen2_moe", tmp_path / "src", tok, num_hidden_layers=3)
+    src = _save_stock("qwen2_moe", tmp_path / "src", tok, num_hidden_layers=3, **over)
     job = PruneJob(experts=ExpertPruneConfig(keep=6), quantize=scheme, calibration=CALIB, **extra)
     a, b, mem, out = _pair(src, tmp_path, job, activation_budget=0)
     assert b["eval_loss_quantized"] != b["eval_loss_after"]  # something was quantised
@@ -286,10 +289,9 @@ def test_streamed_quantisation_equals_in_memory(tmp_path, tok, scheme, extra):
     ]
     assert stages[1].pop("streaming") is True and stages[1] == stages[0]
     want = "Linear4bit" if scheme == "nf4" else "Linear8bitLt"
-    kinds = {
-        type(m).__name__ for m in AutoModelForCausalLM.from_pretrained(out).model.layers[-1].mlp.modules()
-    }
-    assert want in kinds
+    layers = AutoModelForCausalLM.from_pretrained(out).model.layers
+    kinds = [{type(m).__name__ for m in layer.mlp.modules()} for layer in layers]
+    assert [want in k for k in kinds] == [True, not over, True][: len(layers)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in-memory", "src", "streamed"]  # scratch gone
 
 

@@ -168,6 +168,8 @@ def quantize_linears(root: nn.Module, names: Sequence[str], config: Any) -> dict
     model transformers loads, and its ``state_dict`` is what ``save_pretrained`` writes. This is
     how ``moe-app prune --streaming`` quantises one decoder layer at a time.
     """
+    if not names:  # e.g. a dense layer of Qwen2-MoE's mlp_only_layers
+        return {}
     import bitsandbytes as bnb
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
