@@ -28,6 +28,7 @@ the dense step just before it), which a slow drift of the shared machine shifts 
     flock /work/notes/bigmem.lock python benchmarks/moe_train_step.py --model DIR_OR_GGUF
         # default model: the SmolLM2-135M-Instruct GGUF in the moe-app cache; ~13 GB RSS
     python benchmarks/moe_train_step.py ... --clock cpu --threads 1  # steadier on a busy machine
+    python benchmarks/moe_train_step.py ... --text README.md  # a batch of real prose, not random ids
     python benchmarks/moe_train_step.py ... --malloc system   # glibc's defaults: the step before
         # moe-app kept freed memory (see moe_app.core.utils.allocator)
 """
@@ -77,6 +78,25 @@ def load_dense(args: argparse.Namespace) -> nn.Module:
         model.model.layers = model.model.layers[: args.layers]
         model.config.num_hidden_layers = args.layers
     return model
+
+
+def batch_ids(args: argparse.Namespace, vocab: int) -> torch.Tensor:
+    """The step's ``(batch, seq)`` token ids: seeded uniform random ids, or (``--text``) the first
+    ``batch * seq`` tokens of a text file, cut into rows. Random ids are out of distribution for a
+    pretrained model, and the copy-upcycled routers send them to fewer experts (SmolLM2, 30 layers:
+    116 of the 240 per-expert segments get fewer than 64 rows, against 97 on this README's
+    text), which leaves more small, slow per-expert GEMMs."""
+    if args.text is None:
+        return torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    from moe_app.checkpoint.hub import load_tokenizer
+
+    if args.tiny:
+        raise SystemExit("--text needs the real model's tokenizer: drop --tiny")
+    flat = load_tokenizer(args.model)(Path(args.text).read_text(encoding="utf-8")).input_ids
+    need = args.batch * args.seq
+    if len(flat) < need:
+        raise SystemExit(f"--text {args.text}: {len(flat)} tokens, the step needs {need}")
+    return torch.tensor(flat[:need]).view(args.batch, args.seq)
 
 
 def macs_per_token(cfg, seq: int, experts: int | None, top_k: int) -> float:
@@ -265,6 +285,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="moe-app: the clip coefficient applied inside the fused AdamW step, as training does "
         "(core/utils/clipping.py; needs --no-old); torch: clip_grad_norm_'s separate multiply pass",
     )
+    p.add_argument(
+        "--text",
+        default=None,
+        help="a UTF-8 text file whose first batch*seq tokens make the step's batch (default: seeded "
+        "random ids); e.g. README.md, real prose at hand offline",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -287,8 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg, args.seq, None, 1
     )
 
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen)
+    ids = batch_ids(args, cfg.vocab_size)
     mask = torch.ones_like(ids)
     usage = Usage(args.clock)
     for i in range(args.warmup + args.repeats):
@@ -299,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = {c.name: sum(p.numel() for p in c.params) for c in cands}
     print(
         f"{'tiny random LLaMA' if args.tiny else args.model} ({cfg.num_hidden_layers} layers): dense vs copy-upcycled E={args.experts} "
-        f"top-{args.top_k}, batch {args.batch} x {args.seq} tokens, fp32, {args.clock} clock, median of "
+        f"top-{args.top_k}, batch {args.batch} x {args.seq} tokens ({'random ids' if args.text is None else args.text}), fp32, {args.clock} clock, median of "
         f"{args.repeats} (warm-up {args.warmup}), interleaved\n"
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, CPU: {cpu_model()}; params dense "
         f"{n_params['dense'] / 1e6:.1f}M, moe {n_params['moe'] / 1e6:.1f}M; AdamW new={m.new_kernel} "
