@@ -84,8 +84,9 @@ def batch_ids(args: argparse.Namespace, vocab: int) -> torch.Tensor:
     """The step's ``(batch, seq)`` token ids: seeded uniform random ids, or (``--text``) the first
     ``batch * seq`` tokens of a text file, cut into rows. Random ids are out of distribution for a
     pretrained model, and the copy-upcycled routers send them to fewer experts (SmolLM2, 30 layers:
-    116 of the 240 per-expert segments get fewer than 64 rows, against 97 on this README's
-    text), which leaves more small, slow per-expert GEMMs."""
+    116 of the 240 per-expert segments get fewer than 64 rows, against 97 on this README's text);
+    the step's ratio did not improve on text for that (three runs each on one commit: 1.26, 1.26,
+    1.26 on the README's first 400 tokens, 1.22, 1.25, 1.24 on random ids)."""
     if args.text is None:
         return torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     from moe_app.checkpoint.hub import load_tokenizer
