@@ -31,7 +31,13 @@ from moe_app.checkpoint.export import export_checkpoint
 from moe_app.checkpoint.export_streaming import streaming_export_reason
 from moe_app.checkpoint.model_dir import save_moe_checkpoint
 from moe_app.checkpoint.names import INDEX_FILE
-from moe_app.checkpoint.safetensors_io import COPY_CHUNK, SafetensorsFile, TensorInfo, read_header
+from moe_app.checkpoint.safetensors_io import (
+    COPY_CHUNK,
+    SafetensorsFile,
+    TensorInfo,
+    read_header,
+    read_tensor,
+)
 from moe_app.checkpoint.shards import ShardWriter, load_all, shard_files
 from moe_app.core.upcycling import UpcycleConfig
 from upcycling_helpers import build, logits, qwen2_config, qwen3_config, tokens, upcycled
@@ -81,6 +87,34 @@ def test_unplanned_file_pads_or_moves_its_header(tmp_path):
         _assert_same(_read(path), MIXED)
         n = int.from_bytes(path.read_bytes()[:8], "little")
         assert n % 8 == 0 and n >= (4096 if reserve == 4096 else 1)
+
+
+def test_unplanned_file_keeps_every_tensor_aligned_to_its_element_size(tmp_path):
+    """Tensors arriving in any order (an odd-length uint8 blob first, as bitsandbytes' quantisation
+    state comes) still start at offsets aligned to their element size, as in the reference writer's
+    files: a float weight a reader maps at an odd offset can change the last bit of a product. The
+    side file the odd-sized ones wait in is gone after finish and after abort."""
+    blob = {"blob": torch.arange(5, dtype=torch.uint8), **MIXED, "odd.weight": torch.randn(3, 3)}
+    save_file({"copied": torch.arange(3, dtype=torch.float32)}, str(tmp_path / "src.safetensors"))
+    (stored,) = read_header(tmp_path / "src.safetensors")[0].values()
+    for reserve in (4096, 8):
+        path = tmp_path / f"u{reserve}.safetensors"
+        f = SafetensorsFile(path, metadata={"format": "pt"}, reserve_header=reserve)
+        for k, v in blob.items():
+            f.write(k, v)
+        f.copy("copied", stored)
+        f.finish()
+        _assert_same(_read(path), {**blob, "copied": read_tensor(stored)})
+        header = read_header(path)[0]
+        assert {k: t.offset % t.info.dtype.itemsize for k, t in header.items()} == dict.fromkeys(header, 0)
+        assert list(header)[:3] == ["ids", "empty", "half"]  # 8-byte multiples stay in arrival order
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            ["src.safetensors", "u4096.safetensors", *(["u8.safetensors"] if reserve == 8 else [])]
+        )
+    f = SafetensorsFile(tmp_path / "gone.safetensors", reserve_header=64)
+    f.write("blob", blob["blob"])
+    f.abort()
+    assert not list(tmp_path.glob("gone*"))
 
 
 def test_interrupted_file_has_no_valid_header(tmp_path):

@@ -267,12 +267,15 @@ def test_streamed_global_expert_drop_equals_in_memory(tmp_path, tok):
     [
         ("nf4", {"block_drop": 1, "slim": SlimConfig(method="wanda", sparsity=0.5)}, {}),
         ("int8", {}, {"mlp_only_layers": [1]}),  # a dense layer: nothing to quantise there
+        # odd-sized int8 state between float tensors: the shards must keep the floats aligned, or
+        # stock transformers' reload gives other logits from the same tensors
+        ("int8", {"layer_drop": 1}, {}),
     ],
-    ids=["nf4-drop-slim", "int8-dense-layer"],
+    ids=["nf4-drop-slim", "int8-dense-layer", "int8-layer-drop"],
 )
 def test_streamed_quantisation_equals_in_memory(tmp_path, tok, scheme, extra, over):
     """--quantize streams: each layer's shared-expert linears are quantised as it is written (the
-    steps of transformers' loader), so the shards hold the in-memory run's bytes, the config the same
+    steps of transformers' loader), so the shards hold the in-memory run's tensors, the config the same
     ``quantization_config``, and the quantised loss (a stream through the quantised layers) is the
     in-memory quantised model's; the output loads in stock transformers as bitsandbytes modules."""
     from transformers import AutoModelForCausalLM

@@ -45,7 +45,7 @@ scores come from a pass of their own over the original model, and the pruning pa
 layer's count. ``--quantize`` is applied to each layer of the last pass as it is written: its expert
 linears become bitsandbytes modules by the steps of transformers' loader
 (:func:`~moe_app.checkpoint.quantized.quantize_linears`; in memory the whole model goes through that
-loader), so the shards hold the same bytes, and a stream through the quantised layers gives the
+loader), so the shards hold the same tensors, bit for bit, and a stream through the quantised layers gives the
 quantised loss. Job options the streamed path does not implement are refused up front
 (:func:`streaming_problems`; today none), and ``--streaming auto`` then prunes in memory.
 """
@@ -390,6 +390,12 @@ def _disk_tensors(lay: LayerLayout, state: dict[str, Tensor]) -> Iterator[tuple[
             yield lay.direct[name], t
         elif (key := _beside_weight(lay, name)) is not None:
             yield key, t
+        elif name not in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):  # never dropped unseen
+            raise CheckpointError(
+                f"no on-disk name for layer {lay.index}'s tensor {name!r}",
+                where="prune --streaming",
+                fix="report this with the checkpoint's config.json; prune with --streaming off meanwhile",
+            )
     if lay.keymap is None:
         return
     gate_up, down = state["mlp.experts.gate_up_proj"], state["mlp.experts.down_proj"]

@@ -29,7 +29,7 @@ The layer-streamed path (``moe-app prune --streaming``) cannot load the whole mo
 one decoder layer at a time with the same steps (:func:`quantize_linears`: transformers'
 ``replace_with_bnb_linear``, then each weight moved to its device as a ``Params4bit`` /
 ``Int8Params``), and writes the modules' ``state_dict``, which is what ``save_pretrained`` writes;
-the tests hold the two outputs equal to the byte.
+the tests hold the two outputs' tensors bitwise equal.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def quantize_linears(root: nn.Module, names: Sequence[str], config: Any) -> dict
 
     The steps are those of transformers' loader in :func:`write_quantized` (``replace_with_bnb_linear``
     builds the modules from ``config``, then each weight becomes a ``Params4bit`` / ``Int8Params``
-    moved to its device, which quantises it), so a layer quantised here holds the same bytes as the
+    moved to its device, which quantises it), so a layer quantised here holds the same tensors as the
     model transformers loads, and its ``state_dict`` is what ``save_pretrained`` writes. This is
     how ``moe-app prune --streaming`` quantises one decoder layer at a time.
     """

@@ -16,8 +16,13 @@ missing data. Where the tensors are not known in advance (``reserve_header``) th
 after a header area reserved up front and the header is padded with spaces to fill it, which the
 format allows; if it does not fit, the data is moved once when the file is finished.
 
-Tensors are ordered inside a file by decreasing element size, then name, as the reference writer
-does, so every tensor is aligned to its element size. All writes go through :func:`write_at`
+Every tensor starts at an offset aligned to its element size, as in the reference writer's files
+(readers that map the file hand those bytes to kernels as they lie, and a misaligned float weight
+can change the last bit of a product). A planned file orders its tensors by decreasing element
+size, then name, as the reference writer does. An unplanned one places each tensor whose size is a
+multiple of 8 bytes in arrival order, so each starts 8-aligned; the others (few and small: an
+odd-sized norm, bitsandbytes' quantisation state) wait in a side file and are appended when the
+file is finished, by decreasing element size, so they stay aligned too. All writes go through :func:`write_at`
 (a single place to inject faults in tests); an ``OSError`` (e.g. ``ENOSPC``) becomes a
 :class:`~moe_app.errors.CheckpointError` naming the file.
 """
@@ -261,6 +266,9 @@ class SafetensorsFile:
         self.infos: dict[str, TensorInfo] = {i.name: i for i in infos}
         self.planned = reserve_header is None
         self._written: set[str] = set()
+        self._tail: dict[str, int] = {}  # unplanned: name -> offset in the side file (sizes not 8-aligned)
+        self._tail_path = self.path.with_name(self.path.name + ".tail")
+        self._tail_fd, self._tail_size = -1, 0
         if self.planned:
             self.offsets = layout(self.infos.values())
             self._header = header_bytes(self.infos, self.offsets, self.metadata)
@@ -279,7 +287,7 @@ class SafetensorsFile:
 
     @property
     def nbytes(self) -> int:
-        return self.data_size
+        return self.data_size + self._tail_size
 
     @property
     def complete(self) -> bool:
@@ -293,8 +301,9 @@ class SafetensorsFile:
                 raise write_error(self.path, e) from e
             os.ftruncate(self.fd, size)
 
-    def _slot(self, info: TensorInfo) -> int:
-        """The absolute offset where ``info``'s bytes go (placing it now if unplanned)."""
+    def _slot(self, info: TensorInfo) -> tuple[int, Path, int]:
+        """Where ``info``'s bytes go: (file descriptor, its path, absolute offset), placing it now if
+        unplanned (in the side file when its size would break the 8-byte alignment of what follows)."""
         if info.name in self._written:
             raise ValueError(f"tensor {info.name!r} written twice to {self.path.name}")
         if self.planned:
@@ -305,25 +314,57 @@ class SafetensorsFile:
                 raise ValueError(
                     f"tensor {info.name!r} is {info.dtype} {info.shape}, planned {want.dtype} {want.shape}"
                 )
+        elif info.nbytes % 8:
+            self.infos[info.name] = info
+            if self._tail_fd < 0:
+                try:
+                    self._tail_fd = os.open(self._tail_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                except OSError as e:
+                    raise write_error(self._tail_path, e) from e
+            self._tail[info.name] = self._tail_size
+            self._tail_size += info.nbytes
+            self._written.add(info.name)
+            return self._tail_fd, self._tail_path, self._tail[info.name]
         else:
             self.infos[info.name] = info
             self.offsets[info.name] = (self.data_size, self.data_size + info.nbytes)
             self.data_size += info.nbytes
         self._written.add(info.name)
-        return self.data_start + self.offsets[info.name][0]
+        return self.fd, self.path, self.data_start + self.offsets[info.name][0]
 
     def write(self, name: str, t: Tensor) -> None:
         """Write ``t``'s bytes at its slot."""
-        offset = self._slot(TensorInfo.of(name, t))
+        fd, path, offset = self._slot(TensorInfo.of(name, t))
         try:
-            write_at(self.fd, tensor_buffer(t), offset)
+            write_at(fd, tensor_buffer(t), offset)
         except OSError as e:
-            raise write_error(self.path, e) from e
+            raise write_error(path, e) from e
 
     def copy(self, name: str, src: StoredTensor, buffer: bytearray | None = None) -> None:
         """Copy a stored tensor's bytes unchanged (at most :data:`COPY_CHUNK` bytes in memory)."""
-        offset = self._slot(TensorInfo(name, src.info.dtype, src.info.shape))
-        copy_bytes(src.path, src.offset, self.fd, self.path, offset, src.info.nbytes, buffer)
+        fd, path, offset = self._slot(TensorInfo(name, src.info.dtype, src.info.shape))
+        copy_bytes(src.path, src.offset, fd, path, offset, src.info.nbytes, buffer)
+
+    def _append_tail(self) -> None:
+        """Move the side file's tensors to the end of the data, by decreasing element size, then name:
+        after the 8-aligned data each starts aligned to its element size."""
+        if self._tail_fd < 0:
+            return
+        for name in sorted(self._tail, key=lambda n: (-self.infos[n].dtype.itemsize, n)):
+            n = self.infos[name].nbytes
+            copy_bytes(
+                self._tail_path,
+                self._tail[name],
+                self.fd,
+                self.path,
+                self.data_start + self.data_size,
+                n,
+                None,
+            )
+            self.offsets[name] = (self.data_size, self.data_size + n)
+            self.data_size += n
+        self._tail, self._tail_size = {}, 0
+        self._close_tail()
 
     def finish(self) -> None:
         """Write the header, fsync and close; raises if a planned tensor never arrived."""
@@ -335,6 +376,7 @@ class SafetensorsFile:
             if self.planned:
                 header = self._header
             else:
+                self._append_tail()
                 header = header_bytes(self.infos, self.offsets, self.metadata)
                 room = self.data_start - 8
                 if len(header) > room:  # the reserve was too small: move the data once
@@ -367,9 +409,16 @@ class SafetensorsFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self._close_tail()
+
+    def _close_tail(self) -> None:
+        if self._tail_fd >= 0:
+            os.close(self._tail_fd)
+            self._tail_fd = -1
+            self._tail_path.unlink(missing_ok=True)
 
     def __del__(self) -> None:  # a writer abandoned by an exception must not keep a deleted file's space
-        if getattr(self, "fd", -1) >= 0:
+        if getattr(self, "fd", -1) >= 0 or getattr(self, "_tail_fd", -1) >= 0:
             self.close()
 
     def abort(self) -> None:
