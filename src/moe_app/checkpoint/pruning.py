@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from moe_app.checkpoint.hub import check_local_model_dir, load_tokenizer
@@ -221,6 +222,27 @@ def checked_paths(ckpt: str | Path, out: str | Path, overwrite: bool) -> tuple[P
     return src, out
 
 
+def own_aligned_memory(model: nn.Module) -> nn.Module:
+    """Copy into fresh memory every parameter and buffer that transformers left in its memory-mapped
+    safetensors file, returning ``model``.
+
+    A mapped tensor starts wherever the file puts it (8-byte aligned), a fresh one on the allocator's
+    64 bytes, and BLAS picks its code path by alignment, so the same product can differ in the last
+    bit. The layer-streamed path reads every tensor into fresh memory
+    (:func:`~moe_app.checkpoint.safetensors_io.read_tensor`); this gives the in-memory path the same
+    operands, so one job reports the same losses either way. Tied parameters stay tied (the
+    ``Parameter`` keeps its identity; only its data moves)."""
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if p.data_ptr() % 64:
+                    p.data = p.data.clone()
+            for name, b in module.named_buffers(recurse=False):
+                if b.data_ptr() % 64:
+                    module._buffers[name] = b.clone()
+    return model
+
+
 def prune_checkpoint(
     ckpt: str | Path,
     out: str | Path,
@@ -244,7 +266,7 @@ def prune_checkpoint(
     if use_streaming(src, job, streaming, memory_budget):
         return prune_checkpoint_streaming(src, out, job, overwrite, memory_budget=memory_budget)
     tokenizer = load_tokenizer(src, required=True)
-    model = moe_app.load_model(src)
+    model = own_aligned_memory(moe_app.load_model(src))
     kind = validate_job(model, job, str(src))
     batches = calibration_batches(tokenizer, job.calibration)
     report = run_job(model, batches, job)
@@ -270,7 +292,7 @@ def prune_checkpoint(
             lambda d: write_pruned(model, d, kind=kind, source_dir=src, stage_config=config),
         )
         if job.eval_before_after:
-            report["eval_loss_quantized"] = eval_loss(qmodel, batches)
+            report["eval_loss_quantized"] = eval_loss(own_aligned_memory(qmodel), batches)
     else:
         write_pruned(model, out, kind=kind, source_dir=src, stage_config=config)
     report["out"] = str(out)
