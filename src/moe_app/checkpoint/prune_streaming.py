@@ -45,8 +45,8 @@ scores come from a pass of their own over the original model, and the pruning pa
 layer's count. ``--quantize`` is applied to each layer of the last pass as it is written: its expert
 linears become bitsandbytes modules by the steps of transformers' loader
 (:func:`~moe_app.checkpoint.quantized.quantize_linears`; in memory the whole model goes through that
-loader), so the shards hold the same tensors, bit for bit, and a stream through the quantised layers gives the
-quantised loss. Job options the streamed path does not implement are refused up front
+loader), so the shards hold the same tensors, bit for bit, and a stream through the quantised
+layers gives the quantised loss. Job options the streamed path does not implement are refused up front
 (:func:`streaming_problems`; today none), and ``--streaming auto`` then prunes in memory.
 """
 

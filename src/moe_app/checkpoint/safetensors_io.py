@@ -22,8 +22,8 @@ can change the last bit of a product). A planned file orders its tensors by decr
 size, then name, as the reference writer does. An unplanned one places each tensor whose size is a
 multiple of 8 bytes in arrival order, so each starts 8-aligned; the others (few and small: an
 odd-sized norm, bitsandbytes' quantisation state) wait in a side file and are appended when the
-file is finished, by decreasing element size, so they stay aligned too. All writes go through :func:`write_at`
-(a single place to inject faults in tests); an ``OSError`` (e.g. ``ENOSPC``) becomes a
+file is finished, by decreasing element size, so they stay aligned too. All writes go through
+:func:`write_at` (a single place to inject faults in tests); an ``OSError`` (e.g. ``ENOSPC``) becomes a
 :class:`~moe_app.errors.CheckpointError` naming the file.
 """
 
@@ -314,23 +314,25 @@ class SafetensorsFile:
                 raise ValueError(
                     f"tensor {info.name!r} is {info.dtype} {info.shape}, planned {want.dtype} {want.shape}"
                 )
-        elif info.nbytes % 8:
-            self.infos[info.name] = info
-            if self._tail_fd < 0:
-                try:
-                    self._tail_fd = os.open(self._tail_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                except OSError as e:
-                    raise write_error(self._tail_path, e) from e
-            self._tail[info.name] = self._tail_size
-            self._tail_size += info.nbytes
-            self._written.add(info.name)
-            return self._tail_fd, self._tail_path, self._tail[info.name]
         else:
             self.infos[info.name] = info
+            if info.nbytes % 8:  # it would misalign what follows: to the side file until finish
+                self._written.add(info.name)
+                return self._tail_slot(info)
             self.offsets[info.name] = (self.data_size, self.data_size + info.nbytes)
             self.data_size += info.nbytes
         self._written.add(info.name)
         return self.fd, self.path, self.data_start + self.offsets[info.name][0]
+
+    def _tail_slot(self, info: TensorInfo) -> tuple[int, Path, int]:
+        if self._tail_fd < 0:
+            try:
+                self._tail_fd = os.open(self._tail_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            except OSError as e:
+                raise write_error(self._tail_path, e) from e
+        self._tail[info.name] = self._tail_size
+        self._tail_size += info.nbytes
+        return self._tail_fd, self._tail_path, self._tail[info.name]
 
     def write(self, name: str, t: Tensor) -> None:
         """Write ``t``'s bytes at its slot."""
