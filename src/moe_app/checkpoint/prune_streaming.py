@@ -390,7 +390,7 @@ def _disk_tensors(lay: LayerLayout, state: dict[str, Tensor]) -> Iterator[tuple[
             yield lay.direct[name], t
         elif (key := _beside_weight(lay, name)) is not None:
             yield key, t
-        elif name not in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):  # never dropped unseen
+        elif name not in _FUSED:  # the stacked experts are split below; nothing is dropped unseen
             raise CheckpointError(
                 f"no on-disk name for layer {lay.index}'s tensor {name!r}",
                 where="prune --streaming",
@@ -398,7 +398,7 @@ def _disk_tensors(lay: LayerLayout, state: dict[str, Tensor]) -> Iterator[tuple[
             )
     if lay.keymap is None:
         return
-    gate_up, down = state["mlp.experts.gate_up_proj"], state["mlp.experts.down_proj"]
+    gate_up, down = (state[k] for k in _FUSED)
     f = gate_up.shape[1] // 2
     for j in range(gate_up.shape[0]):
         name = lay.keymap
@@ -623,6 +623,7 @@ class _Pass:
         experts = job.experts is not None
         last = 2 if job.slim is not None else int(experts)  # the stage the written layers are at
         none = "none" if self.existing else "existing"
+        result = "new" if job.skipping else "existing"  # the betas of the model as written
         wanted = {"orig": _Variant(0, "existing")}
         if experts and job.experts.progressive:
             wanted["prog"] = _Variant(1, "existing")
@@ -631,9 +632,9 @@ class _Pass:
         if job.skipping:
             wanted["calib"] = _Variant(last, none)
         if (job.eval_before_after and after) or job.skipping:
-            wanted["final"] = _Variant(last, "new" if job.skipping else "existing")
+            wanted["final"] = _Variant(last, result)
         if quant is not None and job.eval_before_after and after:
-            wanted["quant"] = _Variant(3, "new" if job.skipping else "existing")
+            wanted["quant"] = _Variant(3, result)
         self.variant_of = wanted
         self.streams = {v: TensorList(spill) for v in dict.fromkeys(wanted.values())}
         self.results: list[LayerPruneResult] = []
@@ -1105,10 +1106,9 @@ def _finish_report(
         if spec is not None:
             spec.skipping = {lay: float(b) for lay, b in run.betas.items()}
             spec.pruning = {**(spec.pruning or {}), "skipping_calibration": report["skipping"]}
-    if "eval_loss_after" in losses:
-        report["eval_loss_after"] = losses["eval_loss_after"]
-    if "eval_loss_quantized" in losses:
-        report["eval_loss_quantized"] = losses["eval_loss_quantized"]
+    for key in ("eval_loss_after", "eval_loss_quantized"):
+        if key in losses:
+            report[key] = losses[key]
 
 
 def _write(
