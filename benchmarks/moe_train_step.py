@@ -29,6 +29,7 @@ the dense step just before it), which a slow drift of the shared machine shifts 
         # default model: the SmolLM2-135M-Instruct GGUF in the moe-app cache; ~13 GB RSS
     python benchmarks/moe_train_step.py ... --clock cpu --threads 1  # steadier on a busy machine
     python benchmarks/moe_train_step.py ... --text README.md  # a batch of real prose, not random ids
+    python benchmarks/moe_train_step.py ... --split 5  # the forward by part: attention, FFN, the rest
     python benchmarks/moe_train_step.py ... --malloc system   # glibc's defaults: the step before
         # moe-app kept freed memory (see moe_app.core.utils.allocator)
 """
@@ -245,6 +246,47 @@ def ffn_gemm_table(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor) -> tu
     return total_ms, total_mac / max(total_ms, 1e-9) / 1e6, "\n".join(lines)
 
 
+def forward_split(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds of the forward by part, timed with module hooks over ``repeats`` extra
+    forwards (no backward): the decoder layers' attention, their FFN (the MoE block: router,
+    dispatch and experts) and, for the MoE, the routers alone; ``rest`` is everything else
+    (embeddings, norms, LM head, loss and the router losses)."""
+    from moe_app.core.moe.losses import RouterLossConfig, weighted_router_losses
+
+    spent: dict[str, float] = {}
+    handles = []
+
+    def timed(module: nn.Module, part: str) -> None:
+        def pre(*_):
+            module._split_t0 = time.perf_counter()
+
+        def post(*_):
+            spent[part] = spent.get(part, 0.0) + time.perf_counter() - module._split_t0
+
+        handles.extend([module.register_forward_pre_hook(pre), module.register_forward_hook(post)])
+
+    for layer in cand.model.model.layers:
+        timed(layer.self_attn, "attention")
+        timed(layer.mlp, "ffn")
+        if hasattr(layer.mlp, "router"):
+            timed(layer.mlp.router, "router")
+    runs = []
+    try:
+        with torch.no_grad():
+            for _ in range(repeats):
+                spent.clear()
+                t0 = time.perf_counter()
+                loss = cand.model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
+                if cand.is_moe:
+                    loss = loss + sum(weighted_router_losses(cand.model, mask, RouterLossConfig()).values())
+                total = time.perf_counter() - t0
+                runs.append({**spent, "rest": total - spent["attention"] - spent["ffn"], "total": total})
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_GGUF), help="dense model: HF dir or GGUF file")
@@ -271,6 +313,13 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="profile one more step of each model: the FFN matmuls' time and GMAC/s (the MoE's by "
         "rows per expert), i.e. how much of the excess is the small per-expert GEMMs",
+    )
+    p.add_argument(
+        "--split",
+        type=int,
+        default=0,
+        help="time N more forwards of each model by part (attention, FFN or MoE block, router, the "
+        "rest) with module hooks: which part the forward's excess is in",
     )
     p.add_argument(
         "--malloc",
@@ -364,6 +413,21 @@ def main(argv: list[str] | None = None) -> dict:
             f"at {m_rate:.1f} GMAC/s -> time per MAC {d_rate / m_rate:.2f}x the dense FFN's; by rows per expert:"
         )
         print(table)
+    split = {}
+    if args.split:
+        split = {c.name: forward_split(c, ids, mask, args.split) for c in cands}
+        ds, ms = split["dense"], split["moe"]
+        print(f"forward by part, s (median of {args.split} forwards without backward, module hooks):")
+        for part in ("attention", "ffn", "router", "rest", "total"):
+            if part in ds:
+                print(f"  {part:<10}{ds[part]:>8.3f}{ms[part]:>8.3f}{ms[part] / ds[part]:>8.2f}x")
+            elif part in ms:
+                print(f"  {part:<10}{'-':>8}{ms[part]:>8.3f}")
+        print(
+            f"  FFN FLOP ratio {args.top_k:.2f}x (+ router); excess over it "
+            f"{ms['ffn'] - args.top_k * ds['ffn']:.3f} s, rest and attention "
+            f"{ms['rest'] + ms['attention'] - ds['rest'] - ds['attention']:+.3f} s"
+        )
     for c in cands[: 0 if not args.profile else 2]:
         print(f"--- torch.profiler, one {c.name} step (wall time) ---")
         print(profile_step(c, ids, mask, args.profile))
@@ -380,6 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
         "times_s": {c.name: c.times for c in cands},
         "minor_faults": {c.name: c.faults for c in cands},
         "peak_rss_mb": peak_rss_mb(),
+        "forward_split_s": split,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
