@@ -254,14 +254,15 @@ def forward_split(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor, repeat
     from moe_app.core.moe.losses import RouterLossConfig, weighted_router_losses
 
     spent: dict[str, float] = {}
+    started: dict[int, float] = {}
     handles = []
 
     def timed(module: nn.Module, part: str) -> None:
         def pre(*_):
-            module._split_t0 = time.perf_counter()
+            started[id(module)] = time.perf_counter()
 
         def post(*_):
-            spent[part] = spent.get(part, 0.0) + time.perf_counter() - module._split_t0
+            spent[part] = spent.get(part, 0.0) + time.perf_counter() - started[id(module)]
 
         handles.extend([module.register_forward_pre_hook(pre), module.register_forward_hook(post)])
 
@@ -418,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         split = {c.name: forward_split(c, ids, mask, args.split) for c in cands}
         ds, ms = split["dense"], split["moe"]
         print(f"forward by part, s (median of {args.split} forwards without backward, module hooks):")
+        print(f"  {'part':<10}{'dense':>8}{'moe':>8}{'moe/dense':>10}")
         for part in ("attention", "ffn", "router", "rest", "total"):
             if part in ds:
                 print(f"  {part:<10}{ds[part]:>8.3f}{ms[part]:>8.3f}{ms[part] / ds[part]:>8.2f}x")
