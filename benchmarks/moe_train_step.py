@@ -146,14 +146,20 @@ class Candidate:
         for group in self.opt.param_groups:
             group.update(kernel)
 
-    def step(self, ids: torch.Tensor, mask: torch.Tensor, usage: Usage, record: bool) -> None:
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The training loss: the LM loss, plus the router losses for the MoE."""
         from moe_app.core.moe.losses import RouterLossConfig, weighted_router_losses
-        from moe_app.core.utils.clipping import clip_grad_norm_folded, release
 
-        marks = [usage.now()]
         loss = self.model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
         if self.is_moe:
             loss = loss + sum(weighted_router_losses(self.model, mask, RouterLossConfig()).values())
+        return loss
+
+    def step(self, ids: torch.Tensor, mask: torch.Tensor, usage: Usage, record: bool) -> None:
+        from moe_app.core.utils.clipping import clip_grad_norm_folded, release
+
+        marks = [usage.now()]
+        loss = self.loss(ids, mask)
         marks.append(usage.now())
         loss.backward()
         marks.append(usage.now())
@@ -251,8 +257,6 @@ def forward_split(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor, repeat
     forwards (no backward): the decoder layers' attention, their FFN (the MoE block: router,
     dispatch and experts) and, for the MoE, the routers alone; ``rest`` is everything else
     (embeddings, norms, LM head, loss and the router losses)."""
-    from moe_app.core.moe.losses import RouterLossConfig, weighted_router_losses
-
     spent: dict[str, float] = {}
     started: dict[int, float] = {}
     handles = []
@@ -277,9 +281,7 @@ def forward_split(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor, repeat
             for _ in range(repeats):
                 spent.clear()
                 t0 = time.perf_counter()
-                loss = cand.model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
-                if cand.is_moe:
-                    loss = loss + sum(weighted_router_losses(cand.model, mask, RouterLossConfig()).values())
+                cand.loss(ids, mask)
                 total = time.perf_counter() - t0
                 runs.append({**spent, "rest": total - spent["attention"] - spent["ffn"], "total": total})
     finally:
@@ -422,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {'part':<10}{'dense':>8}{'moe':>8}{'moe/dense':>10}")
         for part in ("attention", "ffn", "router", "rest", "total"):
             if part in ds:
-                print(f"  {part:<10}{ds[part]:>8.3f}{ms[part]:>8.3f}{ms[part] / ds[part]:>8.2f}x")
+                print(f"  {part:<10}{ds[part]:>8.3f}{ms[part]:>8.3f}{ms[part] / ds[part]:>9.2f}x")
             elif part in ms:
                 print(f"  {part:<10}{'-':>8}{ms[part]:>8.3f}")
         print(
