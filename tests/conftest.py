@@ -75,6 +75,23 @@ def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
     return path
 
 
+def load_stock_quantized(path: Path):
+    """A bitsandbytes checkpoint loaded by stock transformers, in eval mode, its 4-bit layers pinned
+    to bitsandbytes' standard path.
+
+    On a CPU with AVX512-BF16 bitsandbytes 0.50.2 would run them through its packed inference
+    kernel, which rejects the tiny test layers (``in_features`` 32 is below its block size, 64); real
+    models' layers are multiples of 64. Pinned, the test runs the same code on every CPU.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from moe_app.core.pesc.quantize import pin_4bit_layout
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    pin_4bit_layout(model)
+    return model
+
+
 @pytest.fixture
 def tiny_llama_dir(tmp_path: Path) -> Path:
     """A 2-layer LLaMA (hidden 32, d_ff 64, 4 heads / 2 KV heads) saved with safetensors."""

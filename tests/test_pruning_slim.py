@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 import moe_app
-from conftest import tiny_llama_config
+from conftest import load_stock_quantized, tiny_llama_config
 from moe_app.checkpoint.model_dir import save_moe_checkpoint
 from moe_app.checkpoint.pruning import PruneJob, prune_checkpoint
 from moe_app.cli.main import main
@@ -249,7 +249,7 @@ def test_quantized_qwen2_moe_loads_in_stock_transformers_close_to_float(scheme, 
         cfg["quant_method"] == "bitsandbytes" and cfg["load_in_4bit" if scheme == "nf4" else "load_in_8bit"]
     )
     assert "self_attn.q_proj" in cfg["llm_int8_skip_modules"] and "lm_head" in cfg["llm_int8_skip_modules"]
-    stock = AutoModelForCausalLM.from_pretrained(out).eval()
+    stock = load_stock_quantized(out)
     kinds = {n: type(m).__name__ for n, m in stock.named_modules()}
     want = "Linear4bit" if scheme == "nf4" else "Linear8bitLt"
     assert kinds["model.layers.0.mlp.shared_expert.up_proj"] == want

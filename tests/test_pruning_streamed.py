@@ -14,7 +14,7 @@ import torch
 from torch.testing import assert_close
 
 import moe_app
-from conftest import tiny_llama_config
+from conftest import load_stock_quantized, tiny_llama_config
 from moe_app.checkpoint.model_dir import save_moe_checkpoint
 from moe_app.checkpoint.prune_streaming import prune_checkpoint_streaming, streaming_problems
 from moe_app.checkpoint.pruning import PruneJob, prune_checkpoint
@@ -290,7 +290,7 @@ def test_streamed_quantisation_equals_in_memory(tmp_path, tok, scheme, extra, ov
     job = PruneJob(experts=ExpertPruneConfig(keep=6), quantize=scheme, calibration=CALIB, **extra)
     a, b, mem, out = _pair(src, tmp_path, job, activation_budget=0)
     assert b["eval_loss_quantized"] != b["eval_loss_after"]  # something was quantised
-    _same_result(a, b, mem, out, tok, lambda d: AutoModelForCausalLM.from_pretrained(d).eval())
+    _same_result(a, b, mem, out, tok, load_stock_quantized)
     cfg_a, cfg_b = (json.loads((d / "config.json").read_text()) for d in (mem, out))
     assert cfg_b == cfg_a and cfg_b["quantization_config"]["quant_method"] == "bitsandbytes"
     stages = [

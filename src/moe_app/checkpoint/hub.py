@@ -26,6 +26,7 @@ from moe_app.checkpoint.gguf import (
 )
 from moe_app.checkpoint.names import CONFIG_FILE
 from moe_app.checkpoint.shards import verify_shards
+from moe_app.core.pesc.quantize import pin_4bit_layout
 from moe_app.core.utils.dtypes import dtype_from_name, dtype_names
 from moe_app.errors import CheckpointError
 
@@ -128,6 +129,7 @@ def load_hf_causal_lm(
                 fix="upgrade transformers, or pass trust_remote_code=True if you trust the repository",
             ) from e
         raise
+    pin_4bit_layout(model)  # a bitsandbytes 4-bit checkpoint: one code path on every CPU
     return model.eval()
 
 

@@ -738,7 +738,8 @@ class _Pass:
                 layer, self.quant.in_layer(f"{plan.runner.path}.{i}."), self.quant.config
             )
         state = unique_state_dict(layer)
-        # quantised tensors are copied: bitsandbytes may repack a CPU weight on its first forward (quant)
+        # quantised tensors are copied: the quant forward below runs these modules before the writer
+        # flushes, and nothing bitsandbytes keeps on them may reach the output
         quantised = tuple(f"{n}." for n in floats)
         state = {k: t.clone() if k.startswith(quantised) else t for k, t in state.items()}
         writer.reserve(sum(t.numel() * t.element_size() for t in state.values()))

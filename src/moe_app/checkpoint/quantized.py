@@ -46,6 +46,7 @@ from torch import nn
 from moe_app.checkpoint.pretrained import read_lineage, save_pretrained_dir
 from moe_app.core.models.layers import find_decoder_layers
 from moe_app.core.models.views import moe_layer_views
+from moe_app.core.pesc.quantize import pin_4bit_layout
 from moe_app.errors import CheckpointError, ConfigError, UnsupportedModelError
 
 QUANT_SCHEMES = ("nf4", "int8")
@@ -194,6 +195,7 @@ def quantize_linears(root: nn.Module, names: Sequence[str], config: Any) -> dict
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         module.train(linear.training)  # a new module trains; bitsandbytes computes differently then
+    pin_4bit_layout(root)
     return old
 
 
@@ -230,6 +232,7 @@ def write_quantized(
         qmodel = AutoModelForCausalLM.from_pretrained(
             float_dir, quantization_config=bnb_config(scheme, dtype, skip), device_map="cpu", dtype=dtype
         ).eval()
+        pin_4bit_layout(qmodel)  # it is evaluated after this (``eval_loss_quantized``)
         got = quantized_modules(qmodel)
         if got != linears:
             raise CheckpointError(

@@ -12,6 +12,11 @@ Quantisation happens on the device the weights are on (bitsandbytes quantises wh
 ``Params4bit`` is moved to a real device; version 0.50 has a CPU backend, so tiny models train with
 a 4-bit base on a laptop). ``compute_dtype="auto"`` picks bf16 on CUDA and fp32 on CPU: NF4
 dequantises into the compute dtype before each matmul.
+
+Every 4-bit layer moe-app builds or loads is pinned to bitsandbytes' standard layout
+(:func:`pin_4bit_layout`): on CPUs with AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids) bitsandbytes
+0.50 otherwise rewrites a weight for its inference kernel on the first forward in eval mode, after
+which training silently loses gradients through that layer.
 """
 
 from __future__ import annotations
@@ -66,6 +71,40 @@ def model_is_quantized(model: nn.Module) -> bool:
     return any(is_4bit(m) for m in model.modules())
 
 
+def pin_4bit_layout(model: nn.Module) -> int:
+    """Keep every bitsandbytes ``Linear4bit`` of ``model`` on the standard dequantise-and-matmul path;
+    return how many were pinned.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks a ``Linear4bit``'s weight in place the
+    first time the module runs in eval mode without autograd (Lightning's sanity-check validation
+    does exactly that), for a faster inference kernel, and keeps the packed form. From then on:
+
+    * the forward runs an op with no autograd kernel, so the layer's input gradient is dropped
+      (PyTorch only warns): a QLoRA or PESC fit trains its adapters on wrong gradients;
+    * the block statistics are rounded to bf16, so eval outputs differ from the training forward's,
+      and a ``state_dict`` taken afterwards holds the rounded (and re-quantised) statistics;
+    * a weight whose ``in_features`` is below the block size (64) fails with a reshape error.
+
+    Clearing the module's ``support_avx512bf16_for_cpu`` (set from the CPU in its ``__init__``) keeps
+    one code path, and so the same numbers, on every CPU, in training and in eval. A layer that was
+    already repacked is refused rather than unpacked: the unpacking cannot restore its statistics.
+    """
+    pinned = 0
+    for name, module in model.named_modules():
+        if type(module).__name__ != "Linear4bit":
+            continue
+        if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            raise UnsupportedModelError(
+                f"the 4-bit layer {name or type(model).__name__} was repacked by bitsandbytes' CPU inference "
+                "kernel before moe-app could pin it; its statistics are rounded to bf16",
+                fix="load or quantise the model again and pass it to moe-app before running it in eval mode",
+            )
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            pinned += 1
+    return pinned
+
+
 def quantize_linear_4bit(
     linear: nn.Linear, compute_dtype: torch.dtype, *, double_quant: bool = True, quant_type: str = "nf4"
 ) -> nn.Module:
@@ -90,6 +129,7 @@ def quantize_linear_4bit(
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.detach().to(compute_dtype), requires_grad=False)
     q = q.to(device)  # moving the Params4bit to a real device quantises it
+    pin_4bit_layout(q)
     state = getattr(q.weight, "quant_state", None)
     if state is None or tuple(state.shape) != tuple(linear.weight.shape):
         import bitsandbytes
@@ -149,6 +189,7 @@ def quantize_base_4bit(
 __all__ = [
     "is_4bit",
     "model_is_quantized",
+    "pin_4bit_layout",
     "quantize_base_4bit",
     "quantize_linear_4bit",
     "resolve_compute_dtype",
