@@ -11,6 +11,7 @@ from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
 import moe_app
+from conftest import save_tiny_model, tiny_llama_config
 from moe_app.checkpoint.pesc import load_pesc_model
 from moe_app.core.moe.losses import load_balancing_loss
 from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
@@ -74,6 +75,44 @@ def test_fit_trains_only_pesc_params_and_saves_a_reloadable_model(tiny_llama_dir
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert state and all(is_pesc_trainable(k) for k in state)  # the frozen base is not in the .ckpt
+
+
+def test_validating_a_qlora_fit_changes_nothing_it_trains(tmp_path, monkeypatch):
+    """Sanity-check validation and validation after every step run the 4-bit base in eval mode; the
+    trained weights are those of the same fit without validation, bit for bit. bitsandbytes is told
+    the CPU has AVX512-BF16, where it would otherwise repack the base at the first eval forward and
+    then drop gradients through it (``pin_4bit_layout``)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    base = save_tiny_model(  # layers bitsandbytes can repack: multiples of 64
+        tiny_llama_config(hidden_size=64, intermediate_size=128, num_key_value_heads=4), tmp_path / "base"
+    )
+    trained = []
+    for validate in (False, True):
+        L.seed_everything(0)
+        module = _module(base, quantize_4bit=True, dropout=0.0)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(tmp_path / f"run-{validate}"),
+            num_sanity_val_steps=2 if validate else 0,
+            limit_val_batches=2 if validate else 0,
+            val_check_interval=1,
+        )
+        val = DataLoader(_batches(2), batch_size=None) if validate else None
+        trainer.fit(module, train_dataloaders=DataLoader(_batches(), batch_size=None), val_dataloaders=val)
+        assert trainer.global_step == 3
+        trained.append({n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad})
+    plain, validated = trained
+    assert plain and sorted(validated) == sorted(plain)
+    assert any(n.endswith("adapters.up") and p.abs().sum() > 0 for n, p in plain.items())
+    for name, p in validated.items():
+        assert_close(p, plain[name], rtol=0, atol=0, msg=name)
 
 
 def test_balance_loss_excludes_padding_and_reaches_the_router(tiny_llama_dir):
