@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
 import moe_app
-from conftest import save_tiny_model, tiny_llama_config
+from conftest import cpu_trainer, save_tiny_model, tiny_llama_config
 from moe_app.checkpoint.pesc import load_pesc_model
 from moe_app.core.moe.losses import load_balancing_loss
 from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
@@ -92,14 +92,9 @@ def test_validating_a_qlora_fit_changes_nothing_it_trains(tmp_path, monkeypatch)
     for validate in (False, True):
         L.seed_everything(0)
         module = _module(base, quantize_4bit=True, dropout=0.0)
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=3,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=str(tmp_path / f"run-{validate}"),
+        trainer = cpu_trainer(
+            tmp_path / f"run-{validate}",
+            3,
             num_sanity_val_steps=2 if validate else 0,
             limit_val_batches=2 if validate else 0,
             val_check_interval=1,
