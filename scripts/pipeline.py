@@ -479,6 +479,12 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (``--runs`` may point anywhere)."""
+    path = Path(path)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=("tiny", "real"), default="tiny", help="tiny model or SmolLM2-135M")
@@ -528,9 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         plots = []
     print("\n" + table)
-    print(
-        f"\n[pipeline] summary: {out.relative_to(ROOT)}; plots: {', '.join(str(p) for p in plots) or 'none'}"
-    )
+    print(f"\n[pipeline] summary: {_shown(out)}; plots: {', '.join(_shown(p) for p in plots) or 'none'}")
     print(f"[pipeline] total time {time.time() - t_start:.0f}s")
     return 0
 

@@ -182,3 +182,11 @@ def test_real_pipeline_composes_every_stage_from_the_real_size_recipes(tmp_path:
                 assert cli.model.lora.rank == pipeline.REAL_LORA_RANK
             seen += 1
     assert seen == 14  # the dense row (test), 5 trained stages (fit + test), 3 offline stages (test)
+
+
+def test_pipeline_names_its_outputs_inside_or_outside_the_repository(tmp_path: Path):
+    """`--runs` may point outside the checkout: the summary line names such a path whole (it raised
+    after the last stage before)."""
+    pipeline = _pipeline()
+    assert pipeline._shown(ROOT / "runs" / "pipeline_summary.md") == str(Path("runs") / "pipeline_summary.md")
+    assert pipeline._shown(tmp_path / "pipeline_summary.md") == str(tmp_path / "pipeline_summary.md")
