@@ -15,7 +15,7 @@ from moe_app.core.pesc.surgery import build_pesc
 from moe_app.core.utils.params import count_parameters
 from moe_app.errors import ConfigError, UnsupportedModelError
 
-pytest.importorskip("bitsandbytes")
+bnb = pytest.importorskip("bitsandbytes")
 
 IDS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 
@@ -159,7 +159,7 @@ def _grad_errors_after_an_eval_forward(path, pin: bool) -> dict[str, float]:
 
 
 @pytest.mark.skipif(
-    not __import__("bitsandbytes.functional").functional.has_avx512bf16(),
+    not bnb.functional.has_avx512bf16(),
     reason="bitsandbytes repacks only on a CPU with AVX512-BF16",
 )
 @pytest.mark.filterwarnings("ignore:bitsandbytes::gemv_4bit")
@@ -181,9 +181,8 @@ def test_a_4bit_layer_repacked_before_the_pin_is_refused(tiny_llama_dir):
     layer.down_proj = torch.nn.Linear(64, 64, bias=False)  # 64 inputs: a size bitsandbytes can repack
     quantize_base_4bit(layer)
     q = layer.down_proj.weight
-    q.data, q.quant_state = _convert_weight_packed_for_cpu(
-        q.data, q.quant_state
-    )  # what its eval forward does
+    # what bitsandbytes' own eval forward does to it on a CPU with AVX512-BF16
+    q.data, q.quant_state = _convert_weight_packed_for_cpu(q.data, q.quant_state)
     with pytest.raises(UnsupportedModelError, match=r"4-bit layer down_proj was repacked"):
         pin_4bit_layout(layer)
 
