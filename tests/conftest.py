@@ -75,6 +75,21 @@ def save_tiny_model(config, path: Path, seed: int = 0) -> Path:
     return path
 
 
+def repackable_llama_config():
+    """The tiny LLaMA with every linear a size bitsandbytes' AVX512-BF16 CPU kernel can repack
+    (inputs and outputs multiples of 64), so that a test of the 4-bit pin meets the real thing."""
+    return tiny_llama_config(hidden_size=64, intermediate_size=128, num_key_value_heads=4)
+
+
+@pytest.fixture
+def bnb_sees_avx512bf16(monkeypatch):
+    """bitsandbytes told the CPU has AVX512-BF16 (its ``Linear4bit`` reads that in ``__init__``), so
+    that its repacking, and moe-app's pin against it, are exercised on every CPU."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+
+
 def load_stock_quantized(path: Path):
     """A bitsandbytes checkpoint loaded by stock transformers, in eval mode, its 4-bit layers pinned
     to bitsandbytes' standard path.

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from conftest import save_tiny_model, tiny_llama_config
+from conftest import repackable_llama_config, save_tiny_model
 from moe_app.checkpoint.pesc import load_pesc_model, save_pesc_adapters, save_pesc_full
 from moe_app.core.pesc.config import PescConfig
 from moe_app.core.pesc.quantize import is_4bit, pin_4bit_layout, quantize_base_4bit, resolve_compute_dtype
@@ -95,8 +95,8 @@ def test_qlora_adapter_checkpoint_round_trip_requantises_identically(tiny_llama_
         assert_close(back(input_ids=IDS).logits, expected, rtol=0, atol=0)
 
 
-def _trained_qlora_model(path, seed: int = 0):
-    torch.manual_seed(seed)
+def _trained_qlora_model(path):
+    torch.manual_seed(0)
     model = _qlora_model(path, dropout=0.0)  # no dropout: a training forward is comparable with eval
     with torch.no_grad():  # as after some training: non-zero U and LoRA B, so gradients reach everything
         for name, p in model.named_parameters():
@@ -105,17 +105,12 @@ def _trained_qlora_model(path, seed: int = 0):
     return model
 
 
-def test_an_eval_forward_changes_nothing_a_4bit_fit_computes_afterwards(tmp_path, monkeypatch):
+def test_an_eval_forward_changes_nothing_a_4bit_fit_computes_afterwards(tmp_path, bnb_sees_avx512bf16):
     """On a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks a 4-bit weight at its first eval forward
     (Lightning's sanity-check validation) and then drops the layer's input gradient in training. The
     CPU check is forced on here, so the pin is tested on every CPU; the layers are sizes bitsandbytes
     can repack (multiples of 64)."""
-    import bitsandbytes.nn.modules as bnb_modules
-
-    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
-    path = save_tiny_model(
-        tiny_llama_config(hidden_size=64, intermediate_size=128, num_key_value_heads=4), tmp_path / "m"
-    )
+    path = save_tiny_model(repackable_llama_config(), tmp_path / "m")
     fresh, evaluated = _trained_qlora_model(path), _trained_qlora_model(path)
     layers = [m for m in evaluated.modules() if is_4bit(m)]
     assert len(layers) == 2 * 7 and not any(m.support_avx512bf16_for_cpu for m in layers)
@@ -165,9 +160,7 @@ def _grad_errors_after_an_eval_forward(path, pin: bool) -> dict[str, float]:
 @pytest.mark.filterwarnings("ignore:bitsandbytes::gemv_4bit")
 def test_unpinned_bitsandbytes_breaks_training_after_an_eval_forward_on_this_cpu(tmp_path):
     """Why the pin exists (the README's figures): bitsandbytes 0.50.2 left to itself on this CPU."""
-    path = save_tiny_model(
-        tiny_llama_config(hidden_size=64, intermediate_size=128, num_key_value_heads=4), tmp_path / "m"
-    )
+    path = save_tiny_model(repackable_llama_config(), tmp_path / "m")
     unpinned = _grad_errors_after_an_eval_forward(path, pin=False)
     assert len(unpinned) == 34 and min(unpinned.values()) > 1e-3 and max(unpinned.values()) > 0.5
     assert max(_grad_errors_after_an_eval_forward(path, pin=True).values()) == 0.0

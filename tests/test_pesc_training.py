@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
 import moe_app
-from conftest import cpu_trainer, save_tiny_model, tiny_llama_config
+from conftest import cpu_trainer, repackable_llama_config, save_tiny_model
 from moe_app.checkpoint.pesc import load_pesc_model
 from moe_app.core.moe.losses import load_balancing_loss
 from moe_app.core.pesc.config import PescConfig, is_pesc_trainable
@@ -77,17 +77,12 @@ def test_fit_trains_only_pesc_params_and_saves_a_reloadable_model(tiny_llama_dir
     assert state and all(is_pesc_trainable(k) for k in state)  # the frozen base is not in the .ckpt
 
 
-def test_validating_a_qlora_fit_changes_nothing_it_trains(tmp_path, monkeypatch):
+def test_validating_a_qlora_fit_changes_nothing_it_trains(tmp_path, bnb_sees_avx512bf16):
     """Sanity-check validation and validation after every step run the 4-bit base in eval mode; the
     trained weights are those of the same fit without validation, bit for bit. bitsandbytes is told
     the CPU has AVX512-BF16, where it would otherwise repack the base at the first eval forward and
     then drop gradients through it (``pin_4bit_layout``)."""
-    import bitsandbytes.nn.modules as bnb_modules
-
-    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
-    base = save_tiny_model(  # layers bitsandbytes can repack: multiples of 64
-        tiny_llama_config(hidden_size=64, intermediate_size=128, num_key_value_heads=4), tmp_path / "base"
-    )
+    base = save_tiny_model(repackable_llama_config(), tmp_path / "base")
     trained = []
     for validate in (False, True):
         L.seed_everything(0)

@@ -71,9 +71,8 @@ def model_is_quantized(model: nn.Module) -> bool:
     return any(is_4bit(m) for m in model.modules())
 
 
-def pin_4bit_layout(model: nn.Module) -> int:
-    """Keep every bitsandbytes ``Linear4bit`` of ``model`` on the standard dequantise-and-matmul path;
-    return how many were pinned.
+def pin_4bit_layout(model: nn.Module) -> None:
+    """Keep every bitsandbytes ``Linear4bit`` of ``model`` on the standard dequantise-and-matmul path.
 
     On a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks a ``Linear4bit``'s weight in place the
     first time the module runs in eval mode without autograd (Lightning's sanity-check validation
@@ -89,7 +88,6 @@ def pin_4bit_layout(model: nn.Module) -> int:
     one code path, and so the same numbers, on every CPU, in training and in eval. A layer that was
     already repacked is refused rather than unpacked: the unpacking cannot restore its statistics.
     """
-    pinned = 0
     for name, module in model.named_modules():
         if type(module).__name__ != "Linear4bit":
             continue
@@ -99,10 +97,7 @@ def pin_4bit_layout(model: nn.Module) -> int:
                 "kernel before moe-app could pin it; its statistics are rounded to bf16",
                 fix="load or quantise the model again and pass it to moe-app before running it in eval mode",
             )
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            pinned += 1
-    return pinned
+        module.support_avx512bf16_for_cpu = False
 
 
 def quantize_linear_4bit(
