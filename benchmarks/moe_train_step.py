@@ -51,6 +51,7 @@ from torch import nn
 from _common import cpu_model, peak_rss_mb
 
 PHASES = ("forward", "backward", "clip", "optimizer")
+_ONEDNN_LINEAR = "mkldnn::_linear_pointwise"
 DEFAULT_GGUF = Path(os.environ.get("MOE_APP_CACHE", "~/.cache/moe_app")).expanduser() / (
     "gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
 )
@@ -109,6 +110,35 @@ def macs_per_token(cfg, seq: int, experts: int | None, top_k: int) -> float:
     attn = d * q + 2 * d * kv + q * d + 2 * q * (seq + 1) / 2  # projections + QK^T, AV (causal)
     mlp = 3 * d * ffn if experts is None else top_k * 3 * d * ffn + d * experts
     return layers * (attn + mlp) + d * vocab
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``x W^T`` with oneDNN's inner product for the output and the input gradient and ``torch.mm``
+    (MKL) for the weight gradient: the kernels the MoE experts use on CPU, for the dense FFN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [None], "")
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = torch.ops.mkldnn._linear_pointwise(g2, w.t(), None, "none", [None], "").view(x.shape)
+        return dx, g2.t() @ x.reshape(-1, x.shape[-1])
+
+
+def dense_ffn_onednn(model: nn.Module) -> int:
+    """Route every bias-free FFN projection of the dense model through :class:`_OneDNNLinear`."""
+    n = 0
+    for layer in model.model.layers:
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            assert proj.bias is None
+            proj.forward = lambda x, w=proj.weight: _OneDNNLinear.apply(x, w)
+            n += 1
+    return n
 
 
 class Usage:
@@ -218,7 +248,7 @@ def profile_step(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor, rows: i
 def ffn_gemm_table(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, str]:
     """The FFN matmuls of one profiled step (forward and backward): ``(ms, GMAC/s, table by rows)``.
 
-    An FFN matmul is an ``aten::mm`` with the FFN width ``F`` or ``2F`` (fused gate/up) among its
+    An FFN matmul is an ``aten::mm`` (or oneDNN linear, which the experts use on CPU) with the FFN width ``F`` or ``2F`` (fused gate/up) among its
     sizes; the row count is the size that is neither ``F``, ``2F`` nor the hidden size (tokens for the
     dense FFN, the tokens routed to one expert for the MoE). Time is the profiler's wall time of the
     call on the calling thread (MKL's threads included)."""
@@ -232,9 +262,15 @@ def ffn_gemm_table(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor) -> tu
     buckets: dict[str, list[float]] = {}
     total_ms = total_mac = 0.0
     for ev in prof.key_averages(group_by_input_shape=True):
-        if ev.key != "aten::mm" or len(ev.input_shapes) < 2 or len(ev.input_shapes[0]) != 2:
+        shapes = ev.input_shapes
+        if len(shapes) < 2 or len(shapes[0]) != 2 or len(shapes[1]) != 2:
             continue
-        (a, b), (_, c) = ev.input_shapes[:2]
+        if ev.key == "aten::mm":  # (a, b) @ (b, c)
+            (a, b), (_, c) = shapes[:2]
+        elif ev.key == _ONEDNN_LINEAR:  # x (a, b) times W^T, W (c, b)
+            (a, b), (c, _) = shapes[:2]
+        else:
+            continue
         if not ffn & {a, b, c} or cfg.vocab_size in (a, b, c):
             continue
         ms, mac = ev.self_cpu_time_total / 1e3, float(a) * b * c * ev.count
@@ -344,6 +380,20 @@ def main(argv: list[str] | None = None) -> dict:
         help="a UTF-8 text file whose first batch*seq tokens make the step's batch (default: seeded "
         "random ids); e.g. README.md, real prose at hand offline",
     )
+    p.add_argument(
+        "--experts-impl",
+        default="auto",
+        choices=["auto", "onednn", "grouped_mm", "loop"],
+        help="the MoE experts' matmuls (SwiGLUExperts.impl; auto = onednn for fp32 on CPU): "
+        "grouped_mm for the step before moe_app.core.moe.segments",
+    )
+    p.add_argument(
+        "--dense-ffn",
+        default="mkl",
+        choices=["mkl", "onednn"],
+        help="onednn: the dense model's FFN products on the same kernels as the experts' (a control: "
+        "how much of the ratio is the kernel, not the MoE)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -360,6 +410,13 @@ def main(argv: list[str] | None = None) -> dict:
     moe = upcycle(
         copy.deepcopy(dense), UpcycleConfig(method="copy", num_experts=args.experts, top_k=args.top_k)
     )
+    if args.dense_ffn == "onednn":
+        dense_ffn_onednn(dense)
+    from moe_app.core.moe import SwiGLUExperts
+
+    for mod in moe.modules():
+        if isinstance(mod, SwiGLUExperts):
+            mod.impl = args.experts_impl
     cands = [Candidate("dense", dense, args, False), Candidate("moe", moe, args, True)]
     cfg = dense.config
     flop_ratio = macs_per_token(cfg, args.seq, args.experts, args.top_k) / macs_per_token(
@@ -382,7 +439,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, CPU: {cpu_model()}; params dense "
         f"{n_params['dense'] / 1e6:.1f}M, moe {n_params['moe'] / 1e6:.1f}M; AdamW new={m.new_kernel} "
         f"old=torch default (loop); parameters updated by {'old' if args.baseline else 'new'}; "
-        f"malloc: {malloc}; clip: {'folded into the fused step' if m.fold_clip else 'clip_grad_norm_'}"
+        f"malloc: {malloc}; clip: {'folded into the fused step' if m.fold_clip else 'clip_grad_norm_'}; "
+        f"experts impl: {args.experts_impl}; dense FFN: {args.dense_ffn}"
     )
     print(f"{'phase':<15}{'dense s':>9}{'moe s':>9}{'moe/dense':>11}{'moe sys s':>11}{'moe faults':>12}")
     for ph in (*PHASES, *(() if args.no_old else ("optimizer_old",))):

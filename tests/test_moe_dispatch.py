@@ -9,6 +9,7 @@ import torch
 
 from moe_app.core.moe.dispatch import sort_by_expert
 from moe_app.core.moe.experts import SwiGLUExperts, _gmm_weight_grad, experts_forward_naive
+from moe_app.core.moe.segments import ExpertSegments
 
 
 def test_sort_by_expert_layout_is_stable_and_drops_skipped_slots():
@@ -58,7 +59,7 @@ def _values_and_grads(fn, experts, x, indices, weights):
     return y.detach(), x.grad, weights.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop", "onednn"])
 def test_small_per_expert_counts_match_reference_loop_values_and_grads(impl):
     experts, x, indices, weights = _small_counts_case(impl)
     counts = torch.bincount(indices[indices >= 0], minlength=8)
@@ -79,7 +80,7 @@ def test_loop_weight_grad_zeroes_empty_segments_in_reused_memory():
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     for _ in range(3):  # let the allocator hand back freed, non-zero blocks
         torch.full((4, 4, 8), float("nan"))
-    out = _gmm_weight_grad(a, b, offs, counts)
+    out = _gmm_weight_grad(a, b, offs, ExpertSegments.from_counts(counts))
     torch.testing.assert_close(out[0], a[:2].t() @ b[:2])
     torch.testing.assert_close(out[2], a[2:].t() @ b[2:])
     assert out[1].abs().max() == 0 and out[3].abs().max() == 0

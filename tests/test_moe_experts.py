@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_app.core.moe import experts as experts_module
 from moe_app.core.moe.experts import SwiGLUExperts, experts_forward_naive, grouped_mm_supported
 
 
@@ -32,7 +33,7 @@ def _run(fn, experts, x, indices, weights):
     return y.detach(), x.grad, weights.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop", "onednn"])
 @pytest.mark.parametrize("act", ["silu", "gelu"])
 def test_dispatch_matches_naive_values_and_grads(impl, act):
     experts, x, indices, weights = _case(impl=impl, act=act)
@@ -52,10 +53,11 @@ def test_grouped_mm_and_loop_agree():
     torch.testing.assert_close(experts(x, indices, weights), y_gmm, rtol=1e-6, atol=1e-6)
 
 
-def test_non_aligned_sizes_fall_back_to_loop():
+def test_non_aligned_sizes_fall_back_to_loop(monkeypatch):
+    monkeypatch.setattr(experts_module, "onednn_available", lambda: False)  # a torch without oneDNN
     experts, x, indices, weights = _case(d=6, F=10)
     assert not grouped_mm_supported(x.dtype, 6, 10)
-    assert not experts.use_grouped_mm(x)
+    assert experts.matmul_mode(x) == "loop"
     fast = _run(experts, experts, x, indices, weights)
     naive = _run(lambda *a: experts_forward_naive(experts, *a), experts, x, indices, weights)
     for a, b in zip(fast, naive):
@@ -67,7 +69,7 @@ def test_non_aligned_sizes_fall_back_to_loop():
 
 def test_bf16_grouped_mm_close_to_fp32_naive():
     experts, x, indices, weights = _case(d=16, F=24, dtype=torch.bfloat16)
-    assert experts.use_grouped_mm(x)
+    assert experts.matmul_mode(x) == "grouped_mm"
     y = experts(x, indices, weights)
     assert y.dtype == torch.bfloat16
     ref = experts_forward_naive(experts.float(), x.float(), indices, weights.float())

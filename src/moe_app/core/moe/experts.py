@@ -22,15 +22,17 @@ parameters (``benchmarks/moe_block.py``). It covers SiLU (every LLaMA / Mistral 
 other activations take the plain autograd path, which computes the same thing.
 
 At small per-expert token counts (SmolLM2-135M, 4 x 100 tokens, top-2 of 8: ~100 rows per expert)
-two costs remain that are not arithmetic: MKL's GEMMs with ~100 rows run ~1.17x slower per FLOP
-than the dense FFN's 400-row GEMMs, and the ``(E, 2F, d)`` weight gradient (57 MB there) is above
+two costs remain that are not arithmetic: MKL's GEMMs at few rows run slower per FLOP than the
+dense FFN's 400-row GEMMs (on CPU the token-row products therefore go through oneDNN,
+:mod:`moe_app.core.moe.segments`), and the ``(E, 2F, d)`` weight gradient (57 MB there) is above
 glibc's largest mmap threshold (32 MB), so every step gets fresh pages the kernel must zero (about
-a quarter of the MoE backward on CPU; ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` or
-jemalloc remove it; ``benchmarks/moe_train_step.py`` reports faults per phase).
+a quarter of the MoE backward on CPU; ``moe_app.core.utils.allocator`` keeps freed memory during
+training; ``benchmarks/moe_train_step.py`` reports faults per phase).
 
-Grouped matmul: ``torch.nn.functional.grouped_mm`` (fp32/bf16/fp16, row strides 16-byte aligned,
-i.e. ``d`` and ``F`` multiples of 4 in fp32 and 8 in bf16). Where it does not apply, the same
-sorted buffer is processed by a loop over experts (never over tokens).
+The matmuls (``impl``): on CPU in fp32 a loop over experts with oneDNN for the token-row products
+(``onednn``); elsewhere ``torch.nn.functional.grouped_mm`` (fp32/bf16/fp16, row strides 16-byte
+aligned, i.e. ``d`` and ``F`` multiples of 4 in fp32 and 8 in bf16); where neither applies, a loop
+over experts with ``torch.mm`` (never over tokens).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_app.core.moe.dispatch import sort_by_expert
+from moe_app.core.moe.segments import ExpertSegments, onednn_available
 
-IMPLS = ("auto", "grouped_mm", "loop")
+IMPLS = ("auto", "grouped_mm", "loop", "onednn")
 _FUSED_ACTS = ("silu", "swish")
 
 
@@ -53,54 +56,37 @@ def grouped_mm_supported(dtype: torch.dtype, hidden_size: int, intermediate_size
     return hidden_size % per16 == 0 and intermediate_size % per16 == 0
 
 
-def _gmm(a: Tensor, b: Tensor, offs: Tensor, counts: list[int] | None) -> Tensor:
-    """Segment ``g`` of ``a (N, K)`` times ``b[g] (K, M)`` -> ``(N, M)``; loop when ``counts`` is given."""
-    if counts is None:
-        return F.grouped_mm(a, b, offs=offs)
-    out = a.new_empty(a.shape[0], b.shape[-1])  # (N, M)
-    start = 0
-    for g, n in enumerate(counts):
-        if n:
-            torch.mm(a[start : start + n], b[g], out=out[start : start + n])
-        start += n
-    return out
+def _gmm(a: Tensor, b: Tensor, offs: Tensor, plan: ExpertSegments | None) -> Tensor:
+    """Segment ``g`` of ``a (N, K)`` times ``b[g] (K, M)`` -> ``(N, M)``; per expert when ``plan`` is given."""
+    return F.grouped_mm(a, b, offs=offs) if plan is None else plan.mm(a, b)
 
 
-def _gmm_weight_grad(a: Tensor, b: Tensor, offs: Tensor, counts: list[int] | None) -> Tensor:
+def _gmm_weight_grad(a: Tensor, b: Tensor, offs: Tensor, plan: ExpertSegments | None) -> Tensor:
     """Per segment ``a_g^T b_g`` for ``a (N, K)``, ``b (N, M)`` -> ``(G, K, M)``; zero for empty segments."""
-    if counts is None:
-        return F.grouped_mm(a.t(), b, offs=offs)
-    out = a.new_empty(len(counts), a.shape[1], b.shape[1])  # (G, K, M): one pass, not zeros then GEMM
-    start = 0
-    for g, n in enumerate(counts):
-        if n:
-            torch.mm(a[start : start + n].t(), b[start : start + n], out=out[g])
-        else:
-            out[g].zero_()
-        start += n
-    return out
+    return F.grouped_mm(a.t(), b, offs=offs) if plan is None else plan.weight_grad(a, b)
 
 
 class _SwiGLUDispatch(torch.autograd.Function):
     """``out = index_add_t(w_i * E_{e(i)}(x_{t(i)}))`` over slots ``i`` sorted by expert, SiLU GLU.
 
     Inputs: ``x (T, d)``, ``w (N,)`` slot weights, ``gate_up (E, 2F, d)``, ``down (E, d, F)``,
-    ``token_of (N,)`` the token of each sorted slot, ``offs (E,)`` int32 segment ends, ``counts``
-    a list (loop implementation) or ``None`` (grouped_mm). Once differentiable.
+    ``token_of (N,)`` the token of each sorted slot, ``offs (E,)`` int32 segment ends, ``plan``
+    the per-expert matmuls (:class:`ExpertSegments`: loop or oneDNN) or ``None`` (grouped_mm).
+    Once differentiable.
     """
 
     @staticmethod
-    def forward(ctx, x, w, gate_up, down, token_of, offs, counts):
+    def forward(ctx, x, w, gate_up, down, token_of, offs, plan):
         inter = down.shape[-1]
         xs = x.index_select(0, token_of)  # (N, d)
-        gu = _gmm(xs, gate_up.transpose(1, 2), offs, counts)  # (N, 2F)
+        gu = _gmm(xs, gate_up.transpose(1, 2), offs, plan)  # (N, 2F)
         gate, up = gu[:, :inter], gu[:, inter:]  # (N, F) views
         act = F.silu(gate)  # (N, F), kept: recomputing it in backward costs an exp per element
         h = act * up  # (N, F)
-        ys = _gmm(h, down.transpose(1, 2), offs, counts)  # (N, d), unweighted: the weight grad needs it
+        ys = _gmm(h, down.transpose(1, 2), offs, plan)  # (N, d), unweighted: the weight grad needs it
         out = x.new_zeros(x.shape).index_add_(0, token_of, ys * w.unsqueeze(-1))  # (T, d)
         ctx.save_for_backward(xs, w, gate_up, down, token_of, offs, gu, act, h, ys)
-        ctx.counts = counts
+        ctx.plan = plan
         ctx.num_tokens = x.shape[0]
         return out
 
@@ -108,7 +94,7 @@ class _SwiGLUDispatch(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         xs, w, gate_up, down, token_of, offs, gu, act, h, ys = ctx.saved_tensors
-        counts = ctx.counts
+        plan = ctx.plan
         inter = down.shape[-1]
         need_x, need_w, need_gu, need_down = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_gate_up = grad_down = None
@@ -118,11 +104,11 @@ class _SwiGLUDispatch(torch.autograd.Function):
             grad_w = torch.linalg.vecdot(g, ys)  # (N,)
         g.mul_(w.unsqueeze(-1))
         if need_down:
-            grad_down = _gmm_weight_grad(g, h, offs, counts)  # (E, d, F)
+            grad_down = _gmm_weight_grad(g, h, offs, plan)  # (E, d, F)
         if not (need_x or need_gu):
             return grad_x, grad_w, grad_gate_up, grad_down, None, None, None
 
-        gh = _gmm(g, down, offs, counts)  # (N, F) grad of the GLU output
+        gh = _gmm(g, down, offs, plan)  # (N, F) grad of the GLU output
         del g
         gate, up = gu[:, :inter], gu[:, inter:]
         ggu = torch.empty_like(gu)  # (N, 2F): gate grad | up grad, the layout gate_up_proj wants
@@ -131,9 +117,9 @@ class _SwiGLUDispatch(torch.autograd.Function):
         torch.ops.aten.silu_backward.grad_input(gh, gate, grad_input=ggu[:, :inter])
         del gh
         if need_gu:
-            grad_gate_up = _gmm_weight_grad(ggu, xs, offs, counts)  # (E, 2F, d)
+            grad_gate_up = _gmm_weight_grad(ggu, xs, offs, plan)  # (E, 2F, d)
         if need_x:
-            gxs = _gmm(ggu, gate_up, offs, counts)  # (N, d)
+            gxs = _gmm(ggu, gate_up, offs, plan)  # (N, d)
             grad_x = grad_out.new_zeros(ctx.num_tokens, gxs.shape[1]).index_add_(0, token_of, gxs)  # (T, d)
         return grad_x, grad_w, grad_gate_up, grad_down, None, None, None
 
@@ -143,7 +129,9 @@ class SwiGLUExperts(nn.Module):
 
     ``gate_up_proj`` ``(E, 2F, d)``: rows ``[0, F)`` are ``W_gate``, rows ``[F, 2F)`` are ``W_up``.
     ``down_proj`` ``(E, d, F)``. ``impl``: ``"grouped_mm"`` (raises where unsupported), ``"loop"``
-    (per-expert matmuls on the sorted buffer) or ``"auto"`` (grouped_mm where supported).
+    (per-expert matmuls on the sorted buffer), ``"onednn"`` (the same loop with oneDNN for the
+    products on token rows: fp32 on CPU, :mod:`moe_app.core.moe.segments`) or ``"auto"`` (onednn
+    where it runs, else grouped_mm where supported, else loop).
     """
 
     def __init__(
@@ -192,24 +180,40 @@ class SwiGLUExperts(nn.Module):
         gate_up = torch.matmul(x.unsqueeze(0), self.gate_up_proj.transpose(1, 2))  # (E, T, 2F)
         return torch.matmul(self._glu(gate_up), self.down_proj.transpose(1, 2))  # (E, T, d)
 
-    def use_grouped_mm(self, x: Tensor) -> bool:
-        """Which matmul the dispatch will use for ``x``; raises if ``impl='grouped_mm'`` cannot run."""
-        if self.impl == "loop":
-            return False
+    def matmul_mode(self, x: Tensor) -> str:
+        """What the dispatch runs for ``x``: ``"grouped_mm"``, ``"onednn"`` or ``"loop"``.
+
+        ``auto`` takes ``onednn`` for fp32 on CPU (:mod:`moe_app.core.moe.segments`), else
+        ``grouped_mm`` where its kernels take the shapes, else ``loop``. Raises where an explicit
+        ``impl`` cannot run."""
         dtype = self.gate_up_proj.dtype  # the input is cast to it
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if self.impl == "loop":
+            return "loop"
+        onednn_ok = (
+            x.device.type == "cpu" and dtype == self.down_proj.dtype == torch.float32 and not autocast
+        ) and onednn_available()
+        if self.impl == "onednn" and not onednn_ok:
+            raise ValueError(
+                "impl='onednn' needs fp32 parameters and input on CPU, no autocast, and a torch build "
+                f"with oneDNN; got params {dtype} on {x.device}, autocast {autocast}, oneDNN "
+                f"{onednn_available()}. Use impl='auto' (oneDNN, grouped_mm or the loop, whichever runs)."
+            )
+        if onednn_ok and self.impl in ("auto", "onednn"):
+            return "onednn"
         ok = (
             grouped_mm_supported(dtype, self.hidden_size, self.intermediate_size)
             and self.down_proj.dtype == dtype
-            and not torch.is_autocast_enabled(x.device.type)
+            and not autocast
         )
         if self.impl == "grouped_mm" and not ok:
             raise ValueError(
                 "impl='grouped_mm' needs fp32/bf16/fp16 parameters, no autocast, and hidden/intermediate "
                 "sizes with 16-byte aligned rows; got "
-                f"params {dtype}, autocast {torch.is_autocast_enabled(x.device.type)}, d={self.hidden_size}, "
+                f"params {dtype}, autocast {autocast}, d={self.hidden_size}, "
                 f"F={self.intermediate_size}. Use impl='auto' to fall back to the per-expert loop."
             )
-        return ok
+        return "grouped_mm" if ok else "loop"
 
     def forward(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """``y_t = sum_j weights[t, j] * E_{indices[t, j]}(x_t)``; ``indices == -1`` slots are skipped.
@@ -222,23 +226,31 @@ class SwiGLUExperts(nn.Module):
         token_of = dispatch.token_of  # (N,)
         w = dispatch.slot_weights(weights).to(x.dtype)  # (N,)
         offs = dispatch.offsets  # (E,) segment ends
-        seg = None if self.use_grouped_mm(x) else dispatch.counts_list
-        if torch.is_autocast_enabled(x.device.type) or self.act_name not in _FUSED_ACTS:
-            return self._forward_autograd(x, w, token_of, offs, seg)  # autocast casts per op there
+        mode = self.matmul_mode(x)
         dtype = self.gate_up_proj.dtype
+        plan = (
+            None
+            if mode == "grouped_mm"
+            else ExpertSegments.from_counts(dispatch.counts_list, mode == "onednn")
+        )
+        if torch.is_autocast_enabled(x.device.type) or self.act_name not in _FUSED_ACTS:
+            return self._forward_autograd(x, w, token_of, offs, plan)  # autocast casts per op there
         y = _SwiGLUDispatch.apply(
-            x.to(dtype), w.to(dtype), self.gate_up_proj, self.down_proj, token_of, offs, seg
+            x.to(dtype), w.to(dtype), self.gate_up_proj, self.down_proj, token_of, offs, plan
         )
         return y.to(x.dtype)
 
-    def _forward_autograd(self, x: Tensor, w: Tensor, token_of: Tensor, offs: Tensor, seg) -> Tensor:
-        """The same dispatch from autograd ops, for activations without a fused backward."""
+    def _forward_autograd(
+        self, x: Tensor, w: Tensor, token_of: Tensor, offs: Tensor, plan: ExpertSegments | None
+    ) -> Tensor:
+        """The same dispatch from autograd ops, for activations without a fused backward (a loop
+        over the experts where ``plan`` is given)."""
         xs = x.index_select(0, token_of)  # (N, d)
-        if seg is None:
+        if plan is None:
             h = self._glu(F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs))  # (N, F)
             ys = F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)  # (N, d)
         else:
-            parts = [self.expert_forward(e, xe) for e, xe in enumerate(xs.split(seg)) if xe.shape[0]]
+            parts = [self.expert_forward(e, xs[s:t]) for e, (s, t) in enumerate(plan.bounds) if t > s]
             ys = torch.cat(parts)  # (N, d)
         return torch.zeros_like(x).index_add(0, token_of, ys * w.unsqueeze(-1))  # (T, d)
 
