@@ -10,14 +10,18 @@ matmuls ran 1.44x slower per multiply-add than the dense FFN's (docs/train_step.
 
 The products whose rows are tokens (``x W^T`` in the forward, ``g W`` for the input gradient) are
 exactly what oneDNN's inner-product primitive is built for, and it packs the weight faster at few
-rows. Measured on this project's 2-core Zen 4 (torch 2.13, fp32, 2 threads, d=576, 2F=3072, cold
-weights), the forward gate/up product: 8 rows 0.46 against 0.76 ms with MKL, 32 rows 0.88 against
-1.24, 100 rows 1.93 against 2.46, 400 rows 6.87 against 7.61; the input gradient likewise. The
-weight gradients ``a_g^T b_g``, whose inner dimension is the rows, stay on MKL (``torch.mm``),
-which is as fast or faster there. The primitive is reached through ``torch.ops.mkldnn`` (the op
-torch's own CPU compiler emits for linear layers); where this torch build lacks it, ``torch.mm``
-does every product. oneDNN sums in a different order from MKL (relative difference ~1e-6, as any
-other fp32 GEMM would); each product is deterministic and independent of the thread count.
+rows. Measured on this project's 2-core Zen 4 (``python benchmarks/expert_matmul.py --threads 2``:
+torch 2.13, fp32, 2 threads, a cold 3072 x 576 weight), the forward product took 0.48 against
+0.80 ms with MKL at 8 rows, 0.86 against 1.24 at 32, 1.94 against 2.44 at 100 and 7.08 against
+8.20 at 400; the input gradient 0.58-0.88x MKL's time likewise. The weight gradients
+``a_g^T b_g``, whose inner dimension is the rows, stay on MKL (``torch.mm``): oneDNN took 0.98x
+its time at 8 rows and 1.10x-1.24x from 100 rows on.
+
+The primitive is reached through ``torch.ops.mkldnn._linear_pointwise``, a private op of torch's
+oneDNN bindings (tests/test_moe_segments.py pins its behaviour, so a torch release that changes it
+fails there); where a torch build lacks it, ``torch.mm`` does every product. oneDNN sums in a
+different order from MKL (relative difference ~1e-6, as another fp32 GEMM would); each product is
+deterministic and independent of the thread count.
 """
 
 from __future__ import annotations
