@@ -388,6 +388,14 @@ def main(argv: list[str] | None = None) -> dict:
         "grouped_mm for the step before moe_app.core.moe.segments",
     )
     p.add_argument(
+        "--ab-impls",
+        nargs="*",
+        default=[],
+        choices=["auto", "onednn", "grouped_mm", "loop"],
+        help="also step the same MoE (same optimiser) with these experts impls, alternating with "
+        "--experts-impl in every round: an A/B of the matmuls in one process, free of the host's drift",
+    )
+    p.add_argument(
         "--dense-ffn",
         default="mkl",
         choices=["mkl", "onednn"],
@@ -414,10 +422,15 @@ def main(argv: list[str] | None = None) -> dict:
         dense_ffn_onednn(dense)
     from moe_app.core.moe import SwiGLUExperts
 
-    for mod in moe.modules():
-        if isinstance(mod, SwiGLUExperts):
-            mod.impl = args.experts_impl
+    experts = [mod for mod in moe.modules() if isinstance(mod, SwiGLUExperts)]
     cands = [Candidate("dense", dense, args, False), Candidate("moe", moe, args, True)]
+    impl_of = {"moe": args.experts_impl}
+    for impl in args.ab_impls:  # the same model and optimiser, stepped once more per round with `impl`
+        alt = copy.copy(cands[1])
+        alt.name = f"moe[{impl}]"
+        alt.times, alt.sys, alt.faults = ({p: [] for p in cands[1].times} for _ in range(3))
+        cands.append(alt)
+        impl_of[alt.name] = impl
     cfg = dense.config
     flop_ratio = macs_per_token(cfg, args.seq, args.experts, args.top_k) / macs_per_token(
         cfg, args.seq, None, 1
@@ -428,9 +441,14 @@ def main(argv: list[str] | None = None) -> dict:
     usage = Usage(args.clock)
     for i in range(args.warmup + args.repeats):
         for c in cands:
+            for mod in experts if c.is_moe else ():
+                mod.impl = impl_of[c.name]
             c.step(ids, mask, usage, record=i >= args.warmup)
+    for mod in experts:
+        mod.impl = args.experts_impl
 
-    d, m = cands
+    d, m, *alts = cands
+    cands = [d, m]
     n_params = {c.name: sum(p.numel() for p in c.params) for c in cands}
     print(
         f"{'tiny random LLaMA' if args.tiny else args.model} ({cfg.num_hidden_layers} layers): dense vs copy-upcycled E={args.experts} "
@@ -466,6 +484,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"median of the per-repeat ratios {paired:.2f}x -> time/FLOP {paired / flop_ratio:.2f} "
         f"(each: {', '.join(f'{r:.2f}' for r in per_repeat)})"
     )
+    for alt in alts:
+        r = m.total() / alt.total()
+        per = statistics.median(a / b for a, b in zip(m.step_totals(), alt.step_totals(), strict=True))
+        print(
+            f"A/B in one process: MoE step {m.total():.3f} s with {args.experts_impl}, {alt.total():.3f} s with "
+            f"{alt.name[4:-1]} -> {r:.3f}x (per round {per:.3f}x; forward {m.median('forward') / alt.median('forward'):.3f}x, "
+            f"backward {m.median('backward') / alt.median('backward'):.3f}x); {alt.name} vs dense time/FLOP "
+            f"{alt.total() / d.total() / flop_ratio:.2f}"
+        )
     print(f"peak RSS {peak_rss_mb():.0f} MB")
     if args.gemm_table:
         (d_ms, d_rate, _), (m_ms, m_rate, table) = (ffn_gemm_table(c, ids, mask) for c in cands)
@@ -502,9 +529,9 @@ def main(argv: list[str] | None = None) -> dict:
         "time_ratio_new": new_ratio,
         "time_ratio_old": old_ratio,
         "time_ratio_paired": paired,
-        "median_s": {c.name: {ph: c.median(ph) for ph in c.times if c.times[ph]} for c in cands},
-        "times_s": {c.name: c.times for c in cands},
-        "minor_faults": {c.name: c.faults for c in cands},
+        "median_s": {c.name: {ph: c.median(ph) for ph in c.times if c.times[ph]} for c in (*cands, *alts)},
+        "times_s": {c.name: c.times for c in (*cands, *alts)},
+        "minor_faults": {c.name: c.faults for c in (*cands, *alts)},
         "peak_rss_mb": peak_rss_mb(),
         "forward_split_s": split,
     }

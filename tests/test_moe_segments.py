@@ -7,7 +7,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moe_app.core.moe.experts import SwiGLUExperts
-from moe_app.core.moe.segments import ExpertSegments, onednn_available
+from moe_app.core.moe.segments import ONEDNN_MIN_WEIGHT, ExpertSegments, onednn_available
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
 
@@ -79,10 +79,15 @@ def _experts_case(impl: str) -> tuple[SwiGLUExperts, torch.Tensor, torch.Tensor,
     return experts, x, indices, weights
 
 
-def test_auto_takes_onednn_for_fp32_on_cpu_and_grouped_mm_for_bf16():
-    experts, x, _, _ = _experts_case("auto")
-    assert experts.matmul_mode(x) == "onednn"
-    assert experts.to(torch.bfloat16).matmul_mode(x.bfloat16()) == "grouped_mm"
+def test_auto_takes_onednn_for_fp32_on_cpu_unless_tiny_and_grouped_mm_for_bf16():
+    big = SwiGLUExperts(4, 256, ONEDNN_MIN_WEIGHT // 256)  # the smallest experts auto runs on oneDNN
+    x = torch.randn(3, 256)
+    assert big.matmul_mode(x) == "onednn"
+    assert big.to(torch.bfloat16).matmul_mode(x.bfloat16()) == "grouped_mm"
+    tiny = SwiGLUExperts(4, 256, ONEDNN_MIN_WEIGHT // 256 - 4)
+    assert tiny.matmul_mode(x) == "grouped_mm"
+    tiny.impl = "onednn"  # asked for explicitly, it runs whatever the size
+    assert tiny.matmul_mode(x) == "onednn"
 
 
 def test_explicit_onednn_refuses_what_it_cannot_run():
@@ -94,7 +99,7 @@ def test_explicit_onednn_refuses_what_it_cannot_run():
 
 def test_training_step_runs_the_token_row_products_through_onednn_and_matches_grouped_mm():
     results = {}
-    for impl in ("auto", "grouped_mm"):
+    for impl in ("onednn", "grouped_mm"):
         experts, x, indices, weights = _experts_case(impl)
         x.requires_grad_()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -102,12 +107,12 @@ def test_training_step_runs_the_token_row_products_through_onednn_and_matches_gr
             (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         calls = {ev.key: ev.count for ev in prof.key_averages()}
         results[impl] = (y.detach(), x.grad, experts.gate_up_proj.grad, experts.down_proj.grad, calls)
-    calls = results["auto"][-1]
+    calls = results["onednn"][-1]
     # 7 experts with rows: 2 forward products and 2 input-gradient products each.
     assert calls.get("mkldnn::_linear_pointwise") == 4 * 7
     assert "mkldnn::_linear_pointwise" not in results["grouped_mm"][-1]
     for name, a, b in zip(
-        ("y", "dx", "dgate_up", "ddown"), results["auto"][:4], results["grouped_mm"][:4], strict=True
+        ("y", "dx", "dgate_up", "ddown"), results["onednn"][:4], results["grouped_mm"][:4], strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    assert results["auto"][2][7].abs().max() == 0 and results["auto"][3][7].abs().max() == 0
+    assert results["onednn"][2][7].abs().max() == 0 and results["onednn"][3][7].abs().max() == 0

@@ -30,7 +30,7 @@ a quarter of the MoE backward on CPU; ``moe_app.core.utils.allocator`` keeps fre
 training; ``benchmarks/moe_train_step.py`` reports faults per phase).
 
 The matmuls (``impl``): on CPU in fp32 a loop over experts with oneDNN for the token-row products
-(``onednn``); elsewhere ``torch.nn.functional.grouped_mm`` (fp32/bf16/fp16, row strides 16-byte
+(``onednn``; not for tiny experts, where its per-call cost outweighs it); elsewhere ``torch.nn.functional.grouped_mm`` (fp32/bf16/fp16, row strides 16-byte
 aligned, i.e. ``d`` and ``F`` multiples of 4 in fp32 and 8 in bf16); where neither applies, a loop
 over experts with ``torch.mm`` (never over tokens).
 """
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_app.core.moe.dispatch import sort_by_expert
-from moe_app.core.moe.segments import ExpertSegments, onednn_available
+from moe_app.core.moe.segments import ONEDNN_MIN_WEIGHT, ExpertSegments, onednn_available
 
 IMPLS = ("auto", "grouped_mm", "loop", "onednn")
 _FUSED_ACTS = ("silu", "swish")
@@ -131,7 +131,7 @@ class SwiGLUExperts(nn.Module):
     ``down_proj`` ``(E, d, F)``. ``impl``: ``"grouped_mm"`` (raises where unsupported), ``"loop"``
     (per-expert matmuls on the sorted buffer), ``"onednn"`` (the same loop with oneDNN for the
     products on token rows: fp32 on CPU, :mod:`moe_app.core.moe.segments`) or ``"auto"`` (onednn
-    where it runs, else grouped_mm where supported, else loop).
+    where it runs and the experts are not tiny, else grouped_mm where supported, else loop).
     """
 
     def __init__(
@@ -183,8 +183,9 @@ class SwiGLUExperts(nn.Module):
     def matmul_mode(self, x: Tensor) -> str:
         """What the dispatch runs for ``x``: ``"grouped_mm"``, ``"onednn"`` or ``"loop"``.
 
-        ``auto`` takes ``onednn`` for fp32 on CPU (:mod:`moe_app.core.moe.segments`), else
-        ``grouped_mm`` where its kernels take the shapes, else ``loop``. Raises where an explicit
+        ``auto`` takes ``onednn`` for fp32 on CPU when an expert's projection has at least
+        ``ONEDNN_MIN_WEIGHT`` entries (:mod:`moe_app.core.moe.segments`), else ``grouped_mm`` where
+        its kernels take the shapes, else ``loop``. Raises where an explicit
         ``impl`` cannot run."""
         dtype = self.gate_up_proj.dtype  # the input is cast to it
         autocast = torch.is_autocast_enabled(x.device.type)
@@ -199,7 +200,9 @@ class SwiGLUExperts(nn.Module):
                 f"with oneDNN; got params {dtype} on {x.device}, autocast {autocast}, oneDNN "
                 f"{onednn_available()}. Use impl='auto' (oneDNN, grouped_mm or the loop, whichever runs)."
             )
-        if onednn_ok and self.impl in ("auto", "onednn"):
+        if onednn_ok and (
+            self.impl == "onednn" or self.hidden_size * self.intermediate_size >= ONEDNN_MIN_WEIGHT
+        ):
             return "onednn"
         ok = (
             grouped_mm_supported(dtype, self.hidden_size, self.intermediate_size)

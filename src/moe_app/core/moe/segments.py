@@ -32,6 +32,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# oneDNN builds (JIT-compiles) a primitive per shape, about 1.5 ms for a 3072 x 576 weight, and
+# keeps 1024 of them; every step's routing brings new row counts. Padding the rows to a multiple of
+# 8 bounds the shapes (SmolLM2's step: 50 row buckets x 4 weight shapes) at the cost of < 8 rows.
+_ROW_BUCKET = 8
+# Smallest expert projection (hidden x intermediate entries) for which `auto` takes oneDNN: below
+# it oneDNN's per-call cost outweighs its faster packing (the 4-layer hidden-128, F=352 model of
+# `benchmarks/moe_train_step.py --tiny` stepped 1.17x slower than with grouped_mm; from d=256,
+# 2F=1376 on, one product at 8-100 rows took 0.65x-0.81x MKL's time).
+ONEDNN_MIN_WEIGHT = 1 << 17
+
 
 def onednn_available() -> bool:
     """Whether this torch build exposes oneDNN's fp32 linear on plain (strided) CPU tensors."""
@@ -60,7 +70,11 @@ class ExpertSegments:
             if s == e:
                 continue
             if self.onednn:  # x @ W^T with W = b[g]^T; the primitive allocates: one copy of the rows
-                out[s:e] = torch.ops.mkldnn._linear_pointwise(a[s:e], b[g].t(), None, "none", [None], "")
+                # Rows padded to a multiple of _ROW_BUCKET with the next segments' rows (their
+                # outputs are dropped), where the buffer has them: fewer shapes, fewer primitives.
+                end = min(s + -(-(e - s) // _ROW_BUCKET) * _ROW_BUCKET, a.shape[0])
+                y = torch.ops.mkldnn._linear_pointwise(a[s:end], b[g].t(), None, "none", [None], "")
+                out[s:e] = y[: e - s]
             else:
                 torch.mm(a[s:e], b[g], out=out[s:e])
         return out
