@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         choices=["auto", "onednn", "grouped_mm", "loop"],
         help="also step the same MoE (same optimiser) with these experts impls, alternating with "
-        "--experts-impl in every round: an A/B of the matmuls in one process, free of the host's drift",
+        "--experts-impl in every round, the order swapped every other round: an A/B of the matmuls "
+        "in one process, free of the host's drift",
     )
     p.add_argument(
         "--dense-ffn",
@@ -440,7 +441,9 @@ def main(argv: list[str] | None = None) -> dict:
     mask = torch.ones_like(ids)
     usage = Usage(args.clock)
     for i in range(args.warmup + args.repeats):
-        for c in cands:
+        # With --ab-impls the MoE variants swap order every round (ABBA): whichever follows the
+        # other MoE step finds the heap and caches as that step left them, not as the dense one did.
+        for c in cands if i % 2 == 0 else [cands[0], *reversed(cands[1:])]:
             for mod in experts if c.is_moe else ():
                 mod.impl = impl_of[c.name]
             c.step(ids, mask, usage, record=i >= args.warmup)
