@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# oneDNN builds (JIT-compiles) a primitive per shape, about 1.5 ms for a 3072 x 576 weight, and
-# keeps 1024 of them; every step's routing brings new row counts. Padding the rows to a multiple of
-# 8 bounds the shapes (SmolLM2's step: 50 row buckets x 4 weight shapes) at the cost of < 8 rows.
+# oneDNN builds (JIT-compiles) a primitive per new shape, ~1.6 ms over a cached call at 3072 x 576,
+# and keeps 1024 of them; every step's routing brings new row counts. Padding the rows to a multiple
+# of 8 bounds the shapes (SmolLM2's step: 50 row buckets x 4 weight shapes) at the cost of < 8 rows.
 _ROW_BUCKET = 8
 # Smallest expert projection (hidden x intermediate entries) for which `auto` takes oneDNN: below
 # it oneDNN's per-call cost outweighs its faster packing (the 4-layer hidden-128, F=352 model of
