@@ -20,10 +20,7 @@ import time
 import torch
 
 from _common import cpu_model
-
-
-def _linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [None], "")
+from moe_app.core.moe.segments import onednn_linear as _linear
 
 
 def timed_ms(fn, weights: list[torch.Tensor], repeats: int) -> float:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from _common import cpu_model
 from moe_app.core.moe.block import SparseMoeBlock
-from moe_app.core.moe.experts import SwiGLUExperts
+from moe_app.core.moe.experts import IMPLS, SwiGLUExperts
 from moe_app.core.moe.router import TopKRouter
 
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--impl", default="auto", choices=["auto", "onednn", "grouped_mm", "loop"])
+    p.add_argument("--impl", default="auto", choices=IMPLS)
     p.add_argument("--hf-impls", nargs="*", default=["grouped_mm", "eager"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(

@@ -49,6 +49,8 @@ import torch
 from torch import nn
 
 from _common import cpu_model, peak_rss_mb
+from moe_app.core.moe.experts import IMPLS as EXPERTS_IMPLS
+from moe_app.core.moe.segments import onednn_linear
 
 PHASES = ("forward", "backward", "clip", "optimizer")
 _ONEDNN_LINEAR = "mkldnn::_linear_pointwise"
@@ -119,26 +121,21 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [None], "")
-        return y.view(*x.shape[:-1], w.shape[0])
+        return onednn_linear(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, w = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
-        dx = torch.ops.mkldnn._linear_pointwise(g2, w.t(), None, "none", [None], "").view(x.shape)
-        return dx, g2.t() @ x.reshape(-1, x.shape[-1])
+        return onednn_linear(g2, w.t()).view(x.shape), g2.t() @ x.reshape(-1, x.shape[-1])
 
 
-def dense_ffn_onednn(model: nn.Module) -> int:
+def dense_ffn_onednn(model: nn.Module) -> None:
     """Route every bias-free FFN projection of the dense model through :class:`_OneDNNLinear`."""
-    n = 0
     for layer in model.model.layers:
         for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
             assert proj.bias is None
             proj.forward = lambda x, w=proj.weight: _OneDNNLinear.apply(x, w)
-            n += 1
-    return n
 
 
 class Usage:
@@ -248,8 +245,8 @@ def profile_step(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor, rows: i
 def ffn_gemm_table(cand: Candidate, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, str]:
     """The FFN matmuls of one profiled step (forward and backward): ``(ms, GMAC/s, table by rows)``.
 
-    An FFN matmul is an ``aten::mm`` (or oneDNN linear, which the experts use on CPU) with the FFN width ``F`` or ``2F`` (fused gate/up) among its
-    sizes; the row count is the size that is neither ``F``, ``2F`` nor the hidden size (tokens for the
+    An FFN matmul is an ``aten::mm`` (or a oneDNN linear, which the experts use on CPU) with the
+    FFN width ``F`` or ``2F`` (fused gate/up) among its sizes; the row count is the size that is neither ``F``, ``2F`` nor the hidden size (tokens for the
     dense FFN, the tokens routed to one expert for the MoE). Time is the profiler's wall time of the
     call on the calling thread (MKL's threads included)."""
     from torch.profiler import ProfilerActivity, profile
@@ -383,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--experts-impl",
         default="auto",
-        choices=["auto", "onednn", "grouped_mm", "loop"],
+        choices=EXPERTS_IMPLS,
         help="the MoE experts' matmuls (SwiGLUExperts.impl; auto = onednn for fp32 on CPU): "
         "grouped_mm for the step before moe_app.core.moe.segments",
     )
@@ -391,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--ab-impls",
         nargs="*",
         default=[],
-        choices=["auto", "onednn", "grouped_mm", "loop"],
+        choices=EXPERTS_IMPLS,
         help="also step the same MoE (same optimiser) with these experts impls, alternating with "
         "--experts-impl in every round, the order swapped every other round: an A/B of the matmuls "
         "in one process, free of the host's drift",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -43,9 +44,15 @@ _ROW_BUCKET = 8
 ONEDNN_MIN_WEIGHT = 1 << 17
 
 
+@cache  # asked on every MoE forward; the torch build does not change
 def onednn_available() -> bool:
     """Whether this torch build exposes oneDNN's fp32 linear on plain (strided) CPU tensors."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x: Tensor, w: Tensor) -> Tensor:
+    """``x W^T`` by oneDNN's inner product: ``x (n, K)``, ``w (M, K)`` (any strides) -> ``(n, M)``."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,7 @@ class ExpertSegments:
                 # Rows padded to a multiple of _ROW_BUCKET with the next segments' rows (their
                 # outputs are dropped), where the buffer has them: fewer shapes, fewer primitives.
                 end = min(s + -(-(e - s) // _ROW_BUCKET) * _ROW_BUCKET, a.shape[0])
-                y = torch.ops.mkldnn._linear_pointwise(a[s:end], b[g].t(), None, "none", [None], "")
-                out[s:e] = y[: e - s]
+                out[s:e] = onednn_linear(a[s:end], b[g].t())[: e - s]
             else:
                 torch.mm(a[s:e], b[g], out=out[s:e])
         return out
